@@ -1,0 +1,66 @@
+"""What every compressor shares: the interface, the LLaVA-1.5 MLP projector, budgets."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def grid_side(grid_tokens: int) -> int:
+    side = math.isqrt(grid_tokens)
+    if side * side != grid_tokens:
+        raise ValueError(f"grid_tokens={grid_tokens} is not a square patch grid")
+    return side
+
+
+def square_budgets(grid_tokens: int) -> list[int]:
+    """Square V whose side divides the grid side: each token then owns an equal region."""
+    side = grid_side(grid_tokens)
+    return [s * s for s in range(1, side + 1) if side % s == 0]
+
+
+class MLPProjector(nn.Module):
+    """LLaVA-1.5's projector: Linear -> GELU -> Linear."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(in_dim, out_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(out_dim, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+    @staticmethod
+    def flops(tokens: int, in_dim: int, out_dim: int) -> float:
+        """Multiply-adds x 2 of both matmuls for `tokens` rows."""
+        return 2.0 * tokens * (in_dim * out_dim + out_dim * out_dim)
+
+
+class Compressor(nn.Module):
+    """Maps patch features [B, P, vision_dim] (+ optional query [B, llm_dim]) to [B, V, llm_dim]."""
+
+    uses_query: bool = False
+
+    def __init__(self, *, vision_dim: int, llm_dim: int, grid_tokens: int, visual_tokens: int):
+        super().__init__()
+        self.vision_dim = vision_dim
+        self.llm_dim = llm_dim
+        self.grid_tokens = grid_tokens
+        self.visual_tokens = visual_tokens
+
+    @classmethod
+    def valid_budgets(cls, grid_tokens: int) -> list[int]:
+        return square_budgets(grid_tokens)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops(self) -> float:
+        """Forward FLOPs for one example (matmuls, 2 per multiply-add)."""
+        raise NotImplementedError
+
+    def forward(self, patch_features: torch.Tensor, query_embedding: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError

@@ -1,0 +1,254 @@
+"""The grid YAML: parsed and validated in full before any trial starts, then expanded.
+
+Every error names the field (`llms[2].hidden_size`) and says what would be accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tokenscale import compressors
+from tokenscale.store import check_name
+from tokenscale.workers.benchmarks import BENCHMARKS
+from tokenscale.workers.trial import DataSpec, LLMSpec, TrainSpec, TrialConfig, VisionSpec
+
+
+class GridError(ValueError):
+    """A grid YAML that cannot run; the message names the field and the fix."""
+
+
+@dataclass(frozen=True)
+class Resources:
+    workers: int = 1  # Ray Train workers per trial (data parallel)
+    cpus_per_worker: float = 1
+    gpus_per_worker: float = 0
+
+
+@dataclass(frozen=True)
+class CompressorSpec:
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Grid:
+    grid: str
+    llms: tuple[LLMSpec, ...]
+    visual_tokens: tuple[int, ...]
+    compressors: tuple[CompressorSpec, ...]
+    seeds: tuple[int, ...] = (0,)
+    vision: VisionSpec = field(default_factory=VisionSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    resources: Resources = field(default_factory=Resources)
+    max_concurrent_trials: int = 2
+    max_failures: int = 1
+
+    @property
+    def name(self) -> str:
+        return self.grid
+
+    def trials(self) -> list[TrialConfig]:
+        """Every grid point; smallest LLM first so cheap trials report early."""
+        llms = sorted(self.llms, key=_llm_size)
+        return [
+            TrialConfig(
+                grid=self.grid,
+                llm=llm,
+                visual_tokens=tokens,
+                compressor=comp.name,
+                seed=seed,
+                vision=self.vision,
+                train=self.train,
+                data=self.data,
+                compressor_options=dict(comp.options),
+            )
+            for llm, tokens, comp, seed in itertools.product(llms, self.visual_tokens, self.compressors, self.seeds)
+        ]
+
+
+def _llm_size(llm: LLMSpec) -> int:
+    return llm.layers * llm.hidden_size * (llm.hidden_size + llm.intermediate_size)
+
+
+# ---- generic typed parsing of dataclasses -----------------------------------------------
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp) if a is not type(None)) + " (or null)"
+    if origin in (tuple, list):
+        return f"a list of {_describe(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping with keys " + ", ".join(f.name for f in dataclasses.fields(tp))
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None and len(args) < len(typing.get_args(tp)):
+            return None
+        return _coerce(value, args[0], where)
+    if origin in (tuple, list):
+        if not isinstance(value, list) or not value:
+            raise GridError(f"{where}: expected a non-empty list of {_describe(typing.get_args(tp)[0])}, got {value!r}")
+        return tuple(_coerce(v, typing.get_args(tp)[0], f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise GridError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return parse_dataclass(tp, value, where)
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML reads 1e-3 as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp in (int, str, bool) and type(value) is tp:
+        return value
+    raise GridError(f"{where}: expected {_describe(tp)}, got {value!r}")
+
+
+def parse_dataclass(cls: type, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise GridError(f"{where or 'grid'}: expected {_describe(cls)}, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise GridError(
+            f"{where + '.' if where else ''}{unknown[0]}: unknown key; valid keys here are {', '.join(known)}"
+        )
+    kwargs = {}
+    for name, f in known.items():
+        path = f"{where}.{name}" if where else name
+        if name in raw:
+            kwargs[name] = _coerce(raw[name], hints[name], path)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise GridError(f"{path}: required, missing; expected {_describe(hints[name])}")
+    return cls(**kwargs)
+
+
+# ---- the grid ---------------------------------------------------------------------------
+
+
+def _normalize(raw: dict[str, Any]) -> dict[str, Any]:
+    """Shorthands: a compressor may be given as a bare name."""
+    raw = dict(raw)
+    if isinstance(raw.get("compressors"), list):
+        raw["compressors"] = [{"name": c} if isinstance(c, str) else c for c in raw["compressors"]]
+    return raw
+
+
+def _check(grid: Grid) -> None:
+    check_name_field("grid", grid.grid)
+    names = [llm.name for llm in grid.llms]
+    for i, llm in enumerate(grid.llms):
+        check_name_field(f"llms[{i}].name", llm.name)
+        if llm.path:
+            _check_path(f"llms[{i}].path", llm.path)
+        else:
+            for key in ("hidden_size", "layers", "heads", "kv_heads", "intermediate_size"):
+                if getattr(llm, key) < 1:
+                    raise GridError(f"llms[{i}].{key}: must be >= 1, got {getattr(llm, key)}")
+            if llm.hidden_size % llm.heads or llm.heads % llm.kv_heads:
+                raise GridError(
+                    f"llms[{i}]: hidden_size ({llm.hidden_size}) must be divisible by heads ({llm.heads}) "
+                    f"and heads by kv_heads ({llm.kv_heads})"
+                )
+    if len(set(names)) != len(names):
+        raise GridError(f"llms: names must be unique, got {names}")
+    vision = grid.vision
+    if vision.path:
+        _check_path("vision.path", vision.path)
+    elif vision.image_size % vision.patch_size:
+        raise GridError(
+            f"vision.patch_size: {vision.patch_size} must divide vision.image_size ({vision.image_size})"
+        )
+    elif vision.hidden_size % vision.heads:
+        raise GridError(f"vision.heads: {vision.heads} must divide vision.hidden_size ({vision.hidden_size})")
+    for i, comp in enumerate(grid.compressors):
+        if comp.name not in compressors.names():
+            raise GridError(f"compressors[{i}]: unknown compressor {comp.name!r}; choose from {', '.join(compressors.names())}")
+        for tokens in grid.visual_tokens:
+            try:
+                compressors.check_budget(comp.name, vision.grid_tokens, tokens)
+            except ValueError as err:
+                raise GridError(f"visual_tokens: {err}") from None
+    if len(set(grid.visual_tokens)) != len(grid.visual_tokens):
+        raise GridError(f"visual_tokens: duplicates in {list(grid.visual_tokens)}")
+    for i, bench in enumerate(grid.data.benchmarks):
+        if bench not in BENCHMARKS:
+            raise GridError(f"data.benchmarks[{i}]: unknown benchmark {bench!r}; choose from {', '.join(BENCHMARKS)}")
+    train = grid.train
+    if train.zero_stage not in (0, 1, 2, 3):
+        raise GridError(f"train.zero_stage: must be 0, 1, 2 or 3, got {train.zero_stage}")
+    if train.bf16 not in ("auto", "on", "off"):
+        raise GridError(f"train.bf16: must be auto, on or off, got {train.bf16!r}")
+    for key in ("micro_batch", "stage2_steps"):
+        if getattr(train, key) < 1:
+            raise GridError(f"train.{key}: must be >= 1, got {getattr(train, key)}")
+    if train.stage1_steps < 0:
+        raise GridError(f"train.stage1_steps: must be >= 0, got {train.stage1_steps}")
+    for key in ("stage1_lr", "stage2_lr"):
+        if not 0 < getattr(train, key) < 1:
+            raise GridError(f"train.{key}: must be in (0, 1), got {getattr(train, key)}")
+    for key in ("train_examples", "eval_examples"):
+        if getattr(grid.data, key) < 1:
+            raise GridError(f"data.{key}: must be >= 1, got {getattr(grid.data, key)}")
+    res = grid.resources
+    if res.workers < 1 or res.cpus_per_worker <= 0 or res.gpus_per_worker < 0:
+        raise GridError("resources: workers >= 1, cpus_per_worker > 0 and gpus_per_worker >= 0 are required")
+    if grid.max_concurrent_trials < 1:
+        raise GridError(f"max_concurrent_trials: must be >= 1, got {grid.max_concurrent_trials}")
+    if grid.max_failures < 0:
+        raise GridError(f"max_failures: must be >= 0, got {grid.max_failures}")
+
+
+def check_name_field(where: str, value: str) -> None:
+    try:
+        check_name(where, value)
+    except ValueError as err:
+        raise GridError(str(err)) from None
+
+
+def _check_path(where: str, path: str) -> None:
+    if path.startswith("s3://"):
+        return  # checked by the worker that downloads it; no credentials on the driver
+    if not os.path.isdir(path):
+        raise GridError(f"{where}: {path!r} is not a directory; give a HF from_pretrained folder (local or s3://)")
+
+
+def parse_grid(raw: Any, source: str = "grid") -> Grid:
+    if not isinstance(raw, dict):
+        raise GridError(f"{source}: the top level must be a mapping with keys {', '.join(f.name for f in dataclasses.fields(Grid))}")
+    grid = parse_dataclass(Grid, _normalize(raw), "")
+    _check(grid)
+    return grid
+
+
+def load_grid(path: str | Path) -> Grid:
+    path = Path(path)
+    if not path.is_file():
+        raise GridError(f"{path}: no such grid file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise GridError(f"{path}: not valid YAML ({err})") from None
+    return parse_grid(raw, str(path))

@@ -1,0 +1,259 @@
+"""The store: where results, laws and plots live, and the one place that knows their schema.
+
+A store is a local directory or ``s3://bucket/prefix``. Writers (the trial that finishes)
+and readers (DuckDB, fitting, the Serve app) all go through this module, so the layout and
+the column set are defined once:
+
+    <store>/<grid>/results/grid=<grid>/compressor=<c>/<config_hash>.parquet   one per trial
+    <store>/<grid>/laws/laws.parquet                                            one per fit
+    <store>/<grid>/plots/*.png
+
+Every object is written whole with one PUT (S3) or one atomic rename (local), and a
+result's key is its trial's config hash, so a retried or resumed trial overwrites its own
+object instead of adding a second one.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+DEFAULT_STORE = "./tokenscale-store"
+
+# One row per (trial, benchmark).
+RESULT_SCHEMA = pa.schema(
+    [
+        ("grid", pa.string()),
+        ("trial_id", pa.string()),
+        ("config_hash", pa.string()),
+        ("llm", pa.string()),
+        ("llm_params", pa.int64()),
+        ("visual_tokens", pa.int64()),
+        ("compressor", pa.string()),
+        ("compressor_params", pa.int64()),
+        ("compressor_flops", pa.float64()),
+        ("seed", pa.int64()),
+        ("benchmark", pa.string()),
+        ("task_family", pa.string()),
+        ("score", pa.float64()),
+        ("error", pa.float64()),
+        ("chance", pa.float64()),
+        ("n_examples", pa.int64()),
+        ("text_tokens_mean", pa.float64()),
+        ("generated_tokens", pa.int64()),
+        ("inference_flops", pa.float64()),
+        ("train_seconds", pa.float64()),
+        ("eval_seconds", pa.float64()),
+        ("code_version", pa.string()),
+        ("finished_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+# One row per (grid, task_family, compressor, form).
+LAW_SCHEMA = pa.schema(
+    [
+        ("grid", pa.string()),
+        ("task_family", pa.string()),
+        ("compressor", pa.string()),
+        ("form", pa.string()),
+        ("A", pa.float64()),
+        ("B", pa.float64()),
+        ("alpha", pa.float64()),
+        ("beta", pa.float64()),
+        ("D", pa.float64()),
+        ("sse", pa.float64()),
+        ("r2", pa.float64()),
+        ("n_points", pa.int64()),
+        ("alpha_lo", pa.float64()),
+        ("alpha_hi", pa.float64()),
+        ("beta_lo", pa.float64()),
+        ("beta_hi", pa.float64()),
+        ("holdout_error", pa.float64()),
+        ("min_llm_params", pa.int64()),
+        ("max_llm_params", pa.int64()),
+        ("min_visual_tokens", pa.int64()),
+        ("max_visual_tokens", pa.int64()),
+        ("fitted_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+def check_name(kind: str, value: str) -> str:
+    """Grid and compressor names become path segments: keep them to a safe alphabet."""
+    if not isinstance(value, str) or not _NAME.match(value):
+        raise ValueError(
+            f"{kind} {value!r} is not a valid name: use letters, digits, '_', '.', '-' "
+            "(at most 100 characters, starting with a letter or digit)"
+        )
+    return value
+
+
+def resolve_store(uri: str | None) -> str:
+    """--store, else $TOKENSCALE_STORE, else ./tokenscale-store; local paths made absolute."""
+    uri = uri or os.environ.get("TOKENSCALE_STORE") or DEFAULT_STORE
+    if uri.startswith("s3://"):
+        parsed = urlparse(uri)
+        if not parsed.netloc:
+            raise ValueError(f"store {uri!r} has no bucket: use s3://BUCKET/PREFIX")
+        prefix = parsed.path.strip("/")
+        return f"s3://{parsed.netloc}/{prefix}" if prefix else f"s3://{parsed.netloc}"
+    if "://" in uri:
+        raise ValueError(f"store {uri!r}: use s3://bucket/prefix or a local directory")
+    return str(Path(uri).expanduser().resolve())
+
+
+def s3_endpoint() -> str | None:
+    """The S3 endpoint from the usual AWS environment (None = AWS itself)."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+@dataclass(frozen=True)
+class Store:
+    """A resolved store URI with the few operations the project needs."""
+
+    uri: str
+
+    @classmethod
+    def open(cls, uri: str | None = None) -> Store:
+        return cls(resolve_store(uri))
+
+    @property
+    def is_s3(self) -> bool:
+        return self.uri.startswith("s3://")
+
+    # ---- paths ------------------------------------------------------------------------
+    def join(self, *parts: str) -> str:
+        return "/".join([self.uri.rstrip("/"), *parts])
+
+    def result_key(self, grid: str, compressor: str, config_hash: str) -> str:
+        return self.join(grid, "results", f"grid={grid}", f"compressor={compressor}", f"{config_hash}.parquet")
+
+    def results_glob(self, grid: str | None = None) -> str:
+        return self.join(grid or "*", "results", "**", "*.parquet")
+
+    def laws_key(self, grid: str) -> str:
+        return self.join(grid, "laws", "laws.parquet")
+
+    def laws_glob(self, grid: str | None = None) -> str:
+        return self.join(grid or "*", "laws", "*.parquet")
+
+    def plots_dir(self, grid: str) -> str:
+        return self.join(grid, "plots")
+
+    def trials_dir(self, grid: str) -> str:
+        """Where Ray keeps the grid's Tune experiment (for resume)."""
+        return self.join(grid, "tune")
+
+    # ---- I/O --------------------------------------------------------------------------
+    def _s3(self):
+        import boto3
+
+        # Credentials come from the AWS chain (env, profile, instance role); the endpoint
+        # from AWS_ENDPOINT_URL when set (boto3 reads it itself).
+        return boto3.client("s3", endpoint_url=s3_endpoint())
+
+    @staticmethod
+    def _split(key: str) -> tuple[str, str]:
+        parsed = urlparse(key)
+        return parsed.netloc, parsed.path.lstrip("/")
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        """Write one whole object: a single PUT on S3, write-then-rename locally."""
+        if self.is_s3:
+            bucket, path = self._split(key)
+            self._s3().put_object(Bucket=bucket, Key=path, Body=data)
+            return
+        path = Path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)  # atomic: readers see the old object or the new one
+
+    def get_bytes(self, key: str) -> bytes:
+        if self.is_s3:
+            bucket, path = self._split(key)
+            return self._s3().get_object(Bucket=bucket, Key=path)["Body"].read()
+        return Path(key).read_bytes()
+
+    def exists(self, key: str) -> bool:
+        if self.is_s3:
+            from botocore.exceptions import ClientError
+
+            bucket, path = self._split(key)
+            try:
+                self._s3().head_object(Bucket=bucket, Key=path)
+                return True
+            except ClientError as err:
+                if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                    return False
+                raise
+        return Path(key).exists()
+
+    def list(self, prefix: str, suffix: str = "") -> list[str]:
+        """Keys under a prefix (full URIs), sorted."""
+        if self.is_s3:
+            bucket, path = self._split(prefix.rstrip("/") + "/")
+            paginator = self._s3().get_paginator("list_objects_v2")
+            keys = [
+                f"s3://{bucket}/{obj['Key']}"
+                for page in paginator.paginate(Bucket=bucket, Prefix=path)
+                for obj in page.get("Contents", [])
+            ]
+        else:
+            root = Path(prefix)
+            keys = [str(p) for p in root.rglob("*") if p.is_file()] if root.exists() else []
+        return sorted(k for k in keys if k.endswith(suffix) and not Path(k).name.startswith("."))
+
+    def grids(self) -> list[str]:
+        """Grids that have at least one result."""
+        if self.is_s3:
+            keys = self.list(self.uri, ".parquet")
+            base = self.uri.rstrip("/") + "/"
+            return sorted({k[len(base):].split("/")[0] for k in keys if "/results/" in k})
+        root = Path(self.uri)
+        return sorted(p.name for p in root.iterdir() if (p / "results").is_dir()) if root.exists() else []
+
+    def write_table(self, key: str, rows: Iterable[dict], schema: pa.Schema) -> None:
+        table = pa.Table.from_pylist(list(rows), schema=schema)
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer)
+        self.put_bytes(key, buffer.getvalue())
+
+    def read_table(self, key: str) -> pa.Table:
+        return pq.read_table(io.BytesIO(self.get_bytes(key)))
+
+    # ---- the two record kinds ---------------------------------------------------------
+    def write_results(self, grid: str, compressor: str, config_hash: str, rows: list[dict]) -> str:
+        if not rows:
+            raise ValueError("a finished trial must write at least one result row")
+        key = self.result_key(grid, compressor, config_hash)
+        self.write_table(key, rows, RESULT_SCHEMA)
+        return key
+
+    def has_result(self, grid: str, compressor: str, config_hash: str) -> bool:
+        return self.exists(self.result_key(grid, compressor, config_hash))
+
+    def read_results(self, grid: str) -> pa.Table:
+        keys = self.list(self.join(grid, "results"), ".parquet")
+        tables = [self.read_table(k).cast(RESULT_SCHEMA) for k in keys]
+        return pa.concat_tables(tables) if tables else RESULT_SCHEMA.empty_table()
+
+    def write_laws(self, grid: str, rows: list[dict]) -> str:
+        key = self.laws_key(grid)
+        self.write_table(key, rows, LAW_SCHEMA)
+        return key
+
+    def read_laws(self, grid: str | None = None) -> pa.Table:
+        grids = [grid] if grid else self.grids()
+        tables = [self.read_table(self.laws_key(g)).cast(LAW_SCHEMA) for g in grids if self.exists(self.laws_key(g))]
+        return pa.concat_tables(tables) if tables else LAW_SCHEMA.empty_table()

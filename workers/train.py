@@ -1,0 +1,174 @@
+"""The train loop one Ray Train worker runs: two LLaVA stages under DeepSpeed, then eval.
+
+Stage 1 trains the compressor (and the tiny vision tower) with the LM frozen; stage 2
+trains compressor + LM (+ tiny tower). Each stage is its own DeepSpeed engine, because the
+set of trainable parameters changes. Rank 0 evaluates and returns one row per benchmark.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import torch
+
+from tokenscale import code_version
+
+from .benchmarks import BENCHMARKS, Split, generate
+from .model import VLM
+from .trial import TrialConfig
+
+
+def load_splits(trial: TrialConfig) -> tuple[list[Split], list[Split]]:
+    data, size = trial.data, trial.vision.image_size
+    train = [generate(b, "train", data.train_examples, data.data_seed, size) for b in data.benchmarks]
+    evals = [generate(b, "eval", data.eval_examples, data.data_seed, size) for b in data.benchmarks]
+    return train, evals
+
+
+def deepspeed_config(trial: TrialConfig, lr: float, use_bf16: bool) -> dict[str, Any]:
+    return {
+        "train_micro_batch_size_per_gpu": trial.train.micro_batch,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 1.0,
+        "optimizer": {
+            "type": "AdamW",
+            # torch_adam: use torch's AdamW instead of DeepSpeed's fused op (no op builds on CPU)
+            "params": {"lr": lr, "weight_decay": trial.train.weight_decay, "torch_adam": True},
+        },
+        "zero_optimization": {"stage": trial.train.zero_stage},
+        "bf16": {"enabled": use_bf16},
+        "steps_per_print": 10**9,  # quiet: progress is reported through Ray
+    }
+
+
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def _batch(split: Split, index: np.ndarray, device: torch.device, dtype: torch.dtype):
+    return (
+        torch.from_numpy(split.images[index]).to(device, dtype),
+        torch.from_numpy(split.questions[index]).to(device),
+        torch.from_numpy(split.answers[index]).to(device),
+    )
+
+
+def run_stage(model: VLM, trial: TrialConfig, splits: list[Split], steps: int, lr: float, rng: np.random.Generator, device: torch.device, use_bf16: bool) -> float:
+    """Train the parameters that require grad for `steps` steps; returns the last mean loss."""
+    import deepspeed
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=deepspeed_config(trial, lr, use_bf16))
+    dtype = torch.bfloat16 if use_bf16 else torch.float32
+    losses: list[float] = []
+    for step in range(steps):
+        split = splits[step % len(splits)]  # round-robin: every batch is one benchmark
+        index = rng.integers(0, len(split), trial.train.micro_batch)
+        loss, _ = engine(*_batch(split, index, device, dtype))
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    return float(np.mean(losses[-max(1, len(splits)) :])) if losses else float("nan")
+
+
+@torch.no_grad()
+def evaluate(model: VLM, trial: TrialConfig, splits: list[Split], device: torch.device, dtype: torch.dtype) -> list[dict[str, Any]]:
+    """Exact match of the whole answer (teacher-forced argmax at every answer position is
+    exactly greedy decoding's success condition), one row per benchmark."""
+    model.eval()
+    n_params = model.llm_params
+    rows = []
+    for split in splits:
+        correct = 0
+        for start in range(0, len(split), 256):
+            index = np.arange(start, min(start + 256, len(split)))
+            images, questions, answers = _batch(split, index, device, dtype)
+            _, logits = model(images, questions, answers)
+            correct += int((logits.argmax(-1) == answers).all(dim=1).sum())
+        score = correct / len(split)
+        text_tokens, generated = split.questions.shape[1], split.answers.shape[1]
+        rows.append(
+            {
+                "benchmark": split.benchmark.name,
+                "task_family": split.benchmark.task_family,
+                "score": score,
+                "error": 1.0 - score,
+                "chance": split.benchmark.chance,
+                "n_examples": len(split),
+                "text_tokens_mean": float(text_tokens),
+                "generated_tokens": int(generated),
+                "inference_flops": 2.0 * n_params * (text_tokens + trial.visual_tokens + generated),
+            }
+        )
+    model.train()
+    return rows
+
+
+def train_and_evaluate(trial: TrialConfig, rank: int = 0) -> dict[str, Any]:
+    """Both stages then eval; returns metrics (with `rows` on rank 0)."""
+    torch.manual_seed(trial.seed)
+    device = _device()
+    use_bf16 = trial.train.bf16 == "on" or (
+        trial.train.bf16 == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    )
+    dtype = torch.bfloat16 if use_bf16 else torch.float32
+    rng = np.random.default_rng([trial.seed, rank])
+    train_splits, eval_splits = load_splits(trial)
+    model = VLM(trial).to(device)
+
+    started = time.perf_counter()
+    model.llm.requires_grad_(False)
+    stage1_loss = run_stage(model, trial, train_splits, trial.train.stage1_steps, trial.train.stage1_lr, rng, device, use_bf16)
+    model.llm.requires_grad_(True)
+    stage2_loss = run_stage(model, trial, train_splits, trial.train.stage2_steps, trial.train.stage2_lr, rng, device, use_bf16)
+    train_seconds = time.perf_counter() - started
+
+    metrics: dict[str, Any] = {"stage1_loss": stage1_loss, "stage2_loss": stage2_loss, "train_seconds": train_seconds}
+    if rank == 0:
+        started = time.perf_counter()
+        bench_rows = evaluate(model.to(dtype), trial, eval_splits, device, dtype)
+        eval_seconds = time.perf_counter() - started
+        common = {
+            "grid": trial.grid,
+            "trial_id": trial.trial_id,
+            "config_hash": trial.config_hash,
+            "llm": trial.llm.name,
+            "llm_params": model.llm_params,
+            "visual_tokens": trial.visual_tokens,
+            "compressor": trial.compressor,
+            "compressor_params": model.compressor.num_parameters(),
+            "compressor_flops": float(model.compressor.flops()),
+            "seed": trial.seed,
+            "train_seconds": train_seconds,
+            "eval_seconds": eval_seconds,
+            "code_version": code_version(),
+            "finished_at": datetime.now(timezone.utc),
+        }
+        metrics["rows"] = [{**common, **row} for row in bench_rows]
+        metrics["mean_score"] = float(np.mean([r["score"] for r in bench_rows]))
+    return metrics
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Entry point for Ray Train's TorchTrainer (torch.distributed already set up by Ray).
+
+    Rank 0 writes the trial's rows to the store itself: one object, one PUT, keyed by the
+    config hash. Only small scalar metrics go back through Ray."""
+    import ray.train
+
+    from tokenscale.store import Store
+
+    torch.set_num_threads(int(config.get("threads_per_worker", 1)))
+    rank = ray.train.get_context().get_world_rank()
+    trial = TrialConfig.from_dict(config["trial"])
+    metrics = train_and_evaluate(trial, rank=rank)
+    rows = metrics.pop("rows", None)
+    if rank == 0:
+        Store(config["store"]).write_results(trial.grid, trial.compressor, trial.config_hash, rows)
+    ray.train.report(metrics)
