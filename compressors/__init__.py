@@ -14,6 +14,11 @@ from .base import Compressor, square_budgets
 # name -> "module:Class" (imported lazily so listing names costs nothing)
 _REGISTRY: dict[str, str] = {
     "avgpool": "avgpool:AvgPool",
+    "learned_queries": "learned_queries:LearnedQueries",
+    "none": "none:NoCompression",
+    "prumerge": "prumerge:PruMerge",
+    "quecc": "quecc:QueCC",
+    "tokenpacker": "tokenpacker:TokenPacker",
 }
 
 

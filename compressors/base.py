@@ -21,6 +21,12 @@ def square_budgets(grid_tokens: int) -> list[int]:
     return [s * s for s in range(1, side + 1) if side % s == 0]
 
 
+def any_budgets(grid_tokens: int) -> list[int]:
+    """Every V in 1..P: for compressors whose tokens are not tied to grid regions."""
+    grid_side(grid_tokens)  # still insist on a square grid, like every other compressor
+    return list(range(1, grid_tokens + 1))
+
+
 class MLPProjector(nn.Module):
     """LLaVA-1.5's projector: Linear -> GELU -> Linear."""
 
@@ -59,7 +65,15 @@ class Compressor(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def flops(self) -> float:
-        """Forward FLOPs for one example (matmuls, 2 per multiply-add)."""
+        """Forward FLOPs for one example, a formula in (P, V, dims), not a measurement.
+
+        Convention, shared by every compressor: each matmul (linear layers, attention scores
+        and values, convolutions, similarity products) counts 2 FLOPs per multiply-add; bias
+        adds are not counted. Reductions *across tokens* that are not matmuls (average
+        pooling, the mean patch, merging tokens by summation) count 1 FLOP per element summed.
+        Pointwise work (activations, LayerNorm, softmax, scaling, adding the query) is ignored:
+        it is O(tokens x width), small next to the O(tokens x width^2) matmuls.
+        """
         raise NotImplementedError
 
     def forward(self, patch_features: torch.Tensor, query_embedding: torch.Tensor | None = None) -> torch.Tensor:

@@ -16,10 +16,10 @@ import ray
 from ray import train, tune
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
-
-from tokenscale.store import Store
 from tokenscale.workers.train import train_loop_per_worker
 from tokenscale.workers.trial import TrialConfig
+
+from tokenscale.store import Store
 
 from .grid import Grid
 

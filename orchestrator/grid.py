@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from tokenscale.workers.benchmarks import BENCHMARKS
+from tokenscale.workers.trial import DataSpec, LLMSpec, TrainSpec, TrialConfig, VisionSpec
 
 from tokenscale import compressors
 from tokenscale.store import check_name
-from tokenscale.workers.benchmarks import BENCHMARKS
-from tokenscale.workers.trial import DataSpec, LLMSpec, TrainSpec, TrialConfig, VisionSpec
 
 
 class GridError(ValueError):

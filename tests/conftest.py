@@ -1,0 +1,86 @@
+"""Shared fixtures: a loopback S3 endpoint (moto_server) and tiny grids."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+@pytest.fixture
+def s3_endpoint(monkeypatch):
+    """A moto S3 server on loopback with bucket `tokenscale`; AWS env points at it."""
+    port = free_port()
+    exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
+    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port)
+        endpoint = f"http://127.0.0.1:{port}"
+        for key, value in {
+            "AWS_ENDPOINT_URL": endpoint,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_REGION": "us-east-1",
+        }.items():
+            monkeypatch.setenv(key, value)
+        import boto3
+
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="tokenscale")
+        yield endpoint
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def tiny_grid(name: str = "tiny", llms: int = 3, visual_tokens=(1, 16), **overrides) -> dict:
+    """A grid small enough for a test: seconds of training per trial."""
+    sizes = [
+        {"name": "xs", "hidden_size": 16, "layers": 1, "heads": 2, "kv_heads": 1, "intermediate_size": 32},
+        {"name": "s", "hidden_size": 32, "layers": 1, "heads": 2, "kv_heads": 1, "intermediate_size": 64},
+        {"name": "m", "hidden_size": 48, "layers": 2, "heads": 4, "kv_heads": 2, "intermediate_size": 96},
+    ]
+    grid = {
+        "grid": name,
+        "llms": sizes[:llms],
+        "visual_tokens": list(visual_tokens),
+        "compressors": ["avgpool"],
+        "vision": {"image_size": 16, "patch_size": 4, "hidden_size": 16, "layers": 1, "heads": 2},
+        "data": {"benchmarks": ["color", "digits"], "train_examples": 64, "eval_examples": 32},
+        "train": {"zero_stage": 1, "micro_batch": 8, "stage1_steps": 2, "stage2_steps": 4},
+        "resources": {"workers": 1, "cpus_per_worker": 1},
+        "max_concurrent_trials": 2,
+        "max_failures": 0,
+    }
+    grid.update(overrides)
+    return grid
+
+
+@pytest.fixture(autouse=True)
+def _quiet_env(monkeypatch):
+    monkeypatch.setenv("RAY_TRAIN_V2_ENABLED", os.environ.get("RAY_TRAIN_V2_ENABLED", "1"))
+    monkeypatch.setenv("TQDM_DISABLE", "1")

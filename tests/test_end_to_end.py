@@ -1,0 +1,110 @@
+"""The whole path for real: Ray Tune -> Ray Train + DeepSpeed -> parquet in S3 (moto) ->
+DuckDB over s3:// -> fit -> Ray Serve over HTTP; and `ray job submit -- tokenscale run`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import ray
+import requests
+import yaml
+from conftest import free_port, tiny_grid
+from tokenscale.fitting.grid_fit import fit_grid
+from tokenscale.orchestrator.driver import run_grid
+from tokenscale.orchestrator.grid import parse_grid
+
+from tokenscale.sql import query
+from tokenscale.store import Store
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def local_ray(tmp_path):
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=None)
+    try:
+        yield
+    finally:
+        from ray import serve
+
+        serve.shutdown()
+        ray.shutdown()
+
+
+def test_grid_to_s3_to_duckdb_to_fit_to_serve(s3_endpoint, local_ray):
+    grid = parse_grid(tiny_grid("e2e", llms=3, visual_tokens=(1, 16)))
+    store = Store.open("s3://tokenscale/e2e-store")
+
+    summary = run_grid(grid, store, verbose=0)
+    assert summary.errored == 0 and summary.finished == 6, summary
+
+    # DuckDB reads the parquet straight from the S3 endpoint (httpfs loaded offline)
+    _, rows = query(store, "select count(*), count(distinct config_hash), min(score), max(score) from results")
+    count, hashes, low, high = rows[0]
+    assert count == 6 * 2 and hashes == 6
+    assert 0.0 <= low <= high <= 1.0
+    _, rows = query(store, "select distinct llm_params from results order by 1")
+    assert len(rows) == 3 and rows[0][0] < rows[-1][0]
+
+    # a rerun finds every result in the store and starts nothing
+    again = run_grid(grid, store, verbose=0)
+    assert again.already_done == 6 and again.finished == 0
+    _, rows = query(store, "select count(*) from results")
+    assert rows[0][0] == 12
+
+    laws, _skipped = fit_grid(store, "e2e")
+    assert {(r["task_family"], r["form"]) for r in laws} >= {("reasoning", "product"), ("ocr", "product")}
+    _, rows = query(store, "select count(*) from laws where grid = 'e2e' and form = 'product'")
+    assert rows[0][0] == 2
+
+    from tokenscale.serve.app import start
+
+    url = start(store.uri, "e2e", "127.0.0.1", free_port(), reload_seconds=1.0)
+    assert requests.get(f"{url}/healthz", timeout=30).json()["grid"] == "e2e"
+    _, rows = query(store, "select max(inference_flops) from results where task_family = 'reasoning'")
+    answer = requests.get(f"{url}/optimal", params={"flops": rows[0][0] * 10, "text_tokens": 0, "task": "reasoning"}, timeout=30)
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert {"llm", "llm_params", "visual_tokens", "compressor", "predicted_error"} <= set(body)
+    assert body["compressor"] == "avgpool" and body["visual_tokens"] in (1, 16)
+    bad = requests.get(f"{url}/optimal", params={"flops": 1, "task": "reasoning"}, timeout=30)
+    assert bad.status_code == 400 and "cheapest candidate" in bad.json()["error"]
+    bad = requests.get(f"{url}/optimal", params={"flops": 1e12, "task": "poetry"}, timeout=30)
+    assert bad.status_code == 400 and "reasoning" in bad.json()["error"]
+
+
+def test_ray_job_submit_runs_a_grid(tmp_path):
+    """`ray job submit -- tokenscale run` against a local Ray head on loopback."""
+    bin_dir = Path(sys.executable).parent
+    ray_exe = str(bin_dir / "ray")
+    dashboard_port, gcs_port = free_port(), free_port()
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    env.pop("RAY_ADDRESS")
+    grid_file = tmp_path / "job.yaml"
+    grid_file.write_text(yaml.safe_dump(tiny_grid("job", llms=1, visual_tokens=(4,))))
+    store_dir = tmp_path / "store"
+    subprocess.run(
+        [ray_exe, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs_port),
+         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port), "--num-cpus", "2",
+         "--disable-usage-stats"],
+        check=True, env=env, capture_output=True, timeout=120,
+    )
+    try:
+        job = subprocess.run(
+            [ray_exe, "job", "submit", "--address", f"http://127.0.0.1:{dashboard_port}", "--working-dir", str(tmp_path),
+             "--", str(bin_dir / "tokenscale"), "run", "job.yaml", "--store", str(store_dir), "--verbose", "0"],
+            env=env, capture_output=True, text=True, timeout=600,
+        )
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        assert "succeeded" in job.stdout
+        assert "1/1 trials done" in job.stdout
+    finally:
+        subprocess.run([ray_exe, "stop", "--force"], env=env, capture_output=True, timeout=120)
+    columns, rows = query(Store.open(str(store_dir)), "select count(*), any_value(grid) from results")
+    assert rows == [(2, "job")]
+    assert json.loads(json.dumps(columns)) == ["count_star()", "any_value(grid)"]

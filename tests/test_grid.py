@@ -1,0 +1,62 @@
+"""Grid YAML validation: every bad input named by field, before anything runs."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from conftest import REPO, tiny_grid
+from tokenscale.orchestrator.grid import GridError, load_grid, parse_grid
+
+
+def test_demo_grid_parses_and_expands():
+    grid = load_grid(REPO / "configs" / "demo.yaml")
+    trials = grid.trials()
+    assert len(trials) == len(grid.llms) * len(grid.visual_tokens) * len(grid.compressors) * len(grid.seeds)
+    assert len({t.config_hash for t in trials}) == len(trials)
+    sizes = [t.llm.hidden_size * t.llm.layers for t in trials]
+    assert sizes == sorted(sizes), "small models are scheduled first"
+
+
+def test_config_hash_is_stable_and_sensitive():
+    a = parse_grid(tiny_grid()).trials()[0]
+    b = parse_grid(tiny_grid()).trials()[0]
+    c = parse_grid(tiny_grid(train={"stage2_steps": 5})).trials()[0]
+    assert a.config_hash == b.config_hash
+    assert a.config_hash != c.config_hash
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"llms": []}, "llms: expected a non-empty list"),
+        ({"visual_tokens": [1, 9]}, "valid choices are"),
+        ({"compressors": ["magic"]}, "compressors[0]: unknown compressor 'magic'"),
+        ({"speed": 3}, "speed: unknown key"),
+        ({"train": {"zero_stage": 7}}, "train.zero_stage"),
+        ({"train": {"micro_batch": "big"}}, "train.micro_batch: expected an integer"),
+        ({"grid": "bad name/with slash"}, "not a valid name"),
+        ({"data": {"benchmarks": ["tea"]}}, "data.benchmarks[0]: unknown benchmark"),
+        ({"llms": [{"name": "x", "hidden_size": 30, "heads": 4}]}, "divisible"),
+        ({"llms": [{"name": "x", "path": "/nonexistent/ckpt"}]}, "llms[0].path"),
+        ({"vision": {"image_size": 30, "patch_size": 4}}, "vision.patch_size"),
+        ({"max_concurrent_trials": 0}, "max_concurrent_trials"),
+        ({"resources": {"workers": 0}}, "resources"),
+        ({"llms": [{"hidden_size": 32}]}, "llms[0].name: required"),
+    ],
+)
+def test_bad_grids_name_the_field(change, message):
+    raw = tiny_grid()
+    raw.update(change)
+    with pytest.raises(GridError) as err:
+        parse_grid(raw)
+    assert message in str(err.value)
+
+
+def test_bad_yaml_file(tmp_path):
+    path = tmp_path / "g.yaml"
+    path.write_text("grid: [unclosed")
+    with pytest.raises(GridError, match="not valid YAML"):
+        load_grid(path)
+    path.write_text(yaml.safe_dump(["a", "list"]))
+    with pytest.raises(GridError, match="top level must be a mapping"):
+        load_grid(path)

@@ -1,0 +1,268 @@
+"""`tokenscale`: the one place that wires orchestrator, store, fitting and Serve together."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+from .store import Store
+
+DEMO_GRID = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+
+
+class CLIError(Exception):
+    """Bad input: printed as one line, exit status 2."""
+
+
+def _store(args: argparse.Namespace) -> Store:
+    try:
+        return Store.open(args.store)
+    except ValueError as err:
+        raise CLIError(f"--store: {err}") from None
+
+
+# ---- run ---------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from tokenscale.orchestrator.driver import run_grid
+    from tokenscale.orchestrator.grid import load_grid
+
+    grid = load_grid(args.config)  # validated in full before anything starts
+    store = _store(args)
+    summary = run_grid(grid, store, verbose=args.verbose)
+    print(summary.line())
+    return 0 if summary.errored == 0 else 1
+
+
+# ---- sql ---------------------------------------------------------------------------------
+
+
+def _print_table(columns: list[str], rows: list[tuple], fmt: str) -> None:
+    def text(value) -> str:
+        if isinstance(value, float):
+            return f"{value:.6g}"
+        return "NULL" if value is None else str(value)
+
+    if fmt == "json":
+        print(json.dumps([dict(zip(columns, row, strict=True)) for row in rows], default=str))
+    elif fmt == "csv":
+        writer = csv.writer(sys.stdout)
+        writer.writerow(columns)
+        writer.writerows([[text(v) for v in row] for row in rows])
+    else:
+        cells = [[text(v) for v in row] for row in rows]
+        widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+        print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
+        print("  ".join("-" * w for w in widths))
+        for row in cells:
+            print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+        print(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    import duckdb
+
+    from .sql import query
+
+    try:
+        columns, rows = query(_store(args), args.query, read_only=not args.write)
+    except duckdb.Error as err:
+        raise CLIError(f"SQL: {str(err).splitlines()[0]}") from None
+    _print_table(columns, rows, args.format)
+    return 0
+
+
+# ---- fit ---------------------------------------------------------------------------------
+
+
+def _read_points(path: str) -> tuple[list[float], list[float], list[float]]:
+    file = Path(path)
+    if not file.is_file():
+        raise CLIError(f"--points: {path} is not a file")
+    with file.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        needed = {"llm_params", "visual_tokens", "error"}
+        missing = needed - set(reader.fieldnames or [])
+        if missing:
+            raise CLIError(f"--points: {path} lacks column(s) {', '.join(sorted(missing))}; need llm_params,visual_tokens,error")
+        cols: dict[str, list[float]] = {k: [] for k in needed}
+        for line, row in enumerate(reader, start=2):
+            for key in needed:
+                try:
+                    cols[key].append(float(row[key]))
+                except (TypeError, ValueError):
+                    raise CLIError(f"--points: {path} line {line}: {key}={row[key]!r} is not a number") from None
+    return cols["llm_params"], cols["visual_tokens"], cols["error"]
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from tokenscale.fitting.law import fit_law, optimal_visual_tokens
+
+    if args.points:
+        if args.grid:
+            raise CLIError("give either GRID or --points FILE.csv, not both")
+        n, v, e = _read_points(args.points)
+        law = fit_law(n, v, e, args.form)
+        flops = args.flops if args.flops else 2.0 * max(n) * (args.text_tokens + max(v))
+        out = {k: val for k, val in law.to_dict().items() if not (k == "B" and val is None)}
+        out["text_tokens"] = args.text_tokens
+        out["optimal_visual_tokens"] = optimal_visual_tokens(law, args.text_tokens, min(v), max(v), flops=flops)
+        if args.json:
+            print(json.dumps(out))
+        else:
+            for key, val in out.items():
+                print(f"{key:>22}: {val}")
+        return 0
+    if not args.grid:
+        raise CLIError("give a GRID name (fit its results in the store) or --points FILE.csv")
+    from tokenscale.fitting.grid_fit import fit_grid
+
+    store = _store(args)
+    rows, skipped = fit_grid(store, args.grid)
+    for line in skipped:
+        print(f"not fitted: {line}")
+    if args.json:
+        print(json.dumps(rows, default=str))
+    else:
+        for r in rows:
+            print(
+                f"{r['task_family']:>10} {r['compressor']:>16} {r['form']:>8}: alpha={r['alpha']:.3f} "
+                f"beta={r['beta']:.3f} D={r['D']:.3f} r2={r['r2']:.3f} (n={r['n_points']})"
+            )
+        print(f"laws written to {store.laws_key(args.grid)}")
+    return 0
+
+
+# ---- serve -------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from tokenscale.orchestrator.driver import init_ray
+    from tokenscale.serve.app import start
+
+    store = _store(args)
+    init_ray()
+    url = start(store.uri, args.grid, args.host, args.port, args.reload_seconds)
+    print(f"serving {store.uri} at {url} (OpenAPI at {url}/docs); Ctrl-C to stop", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        return 0
+
+
+# ---- demo --------------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import requests
+    from ray import serve
+
+    from tokenscale.fitting.grid_fit import fit_grid
+    from tokenscale.orchestrator.driver import init_ray, run_grid
+    from tokenscale.orchestrator.grid import load_grid
+    from tokenscale.serve.app import start
+
+    from .sql import query
+
+    started = time.perf_counter()
+    grid = load_grid(args.config)
+    store = _store(args)
+    print(f"[1/4] running grid {grid.name!r}: {len(grid.trials())} trials -> {store.uri}", flush=True)
+    summary = run_grid(grid, store, verbose=args.verbose)
+    print(summary.line(), flush=True)
+    if summary.errored:
+        raise CLIError(f"{summary.errored} trial(s) errored; see the Tune table above")
+
+    print("[2/4] fitting scaling laws", flush=True)
+    rows, skipped = fit_grid(store, grid.name)
+    for r in rows:
+        print(f"  {r['task_family']:>10} {r['compressor']:>16} {r['form']:>8}: alpha={r['alpha']:.3f} beta={r['beta']:.3f} D={r['D']:.3f} r2={r['r2']:.3f}")
+    for line in skipped:
+        print(f"  not fitted: {line}")
+
+    print("[3/4] serving the laws with Ray Serve", flush=True)
+    init_ray()
+    url = start(store.uri, grid.name, "127.0.0.1", args.port)
+    try:
+        columns, result_rows = query(store, f"select min(inference_flops), max(inference_flops) from results where grid = '{grid.name}'")
+        budget = math.sqrt(result_rows[0][0] * result_rows[0][1])  # a mid-range budget
+        print(f"[4/4] GET {url}/optimal?flops={budget:.3g}&text_tokens=0&task=reasoning", flush=True)
+        answer = requests.get(f"{url}/optimal", params={"flops": budget, "text_tokens": 0, "task": "reasoning"}, timeout=30)
+        print(json.dumps(answer.json(), indent=2))
+    finally:
+        serve.shutdown()
+    print(f"\nresults: {store.results_glob(grid.name)}\nlaws:    {store.laws_key(grid.name)}")
+    print(f"try:     tokenscale sql \"select llm, visual_tokens, task_family, avg(score) from results group by all order by all\" --store {store.uri}")
+    print(f"demo finished in {time.perf_counter() - started:.0f}s")
+    return 0
+
+
+# ---- wiring ------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokenscale", description="Inference-optimal VLMs: grid, fit, serve.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    store_help = "s3://bucket/prefix or a directory (default $TOKENSCALE_STORE or ./tokenscale-store)"
+
+    p = sub.add_parser("run", help="run a grid (what `ray job submit -- tokenscale run` runs)")
+    p.add_argument("config", help="grid YAML")
+    p.add_argument("--store", help=store_help)
+    p.add_argument("--verbose", type=int, default=1, choices=[0, 1, 2], help="Tune progress output")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("sql", help="DuckDB SQL over the store (views: results, laws)")
+    p.add_argument("query", help='e.g. "select count(*) from results"')
+    p.add_argument("--store", help=store_help)
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    p.add_argument("--write", action="store_true", help="allow statements other than SELECT/EXPLAIN")
+    p.set_defaults(func=cmd_sql)
+
+    p = sub.add_parser("fit", help="fit scaling laws for a grid, or for points in a CSV")
+    p.add_argument("grid", nargs="?", help="grid name in the store")
+    p.add_argument("--store", help=store_help)
+    p.add_argument("--points", help="CSV with columns llm_params,visual_tokens,error")
+    p.add_argument("--form", choices=["product", "sum"], default="product")
+    p.add_argument("--text-tokens", type=float, default=0.0, help="query length Q for the optimal V (default 0: cached)")
+    p.add_argument("--flops", type=float, help="budget for the sum form's optimal V (default: the largest point's cost)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("serve", help="the Ray Serve API over the store's laws")
+    p.add_argument("--store", help=store_help)
+    p.add_argument("--grid", help="grid to serve (default: the most recently fitted)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--reload-seconds", type=float, default=5.0, help="how often to look for new laws")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("demo", help="run the demo grid, fit, serve, ask /optimal once")
+    p.add_argument("--config", default=str(DEMO_GRID), help="grid YAML (default: configs/demo.yaml)")
+    p.add_argument("--store", help=store_help)
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--verbose", type=int, default=1, choices=[0, 1, 2])
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tokenscale.fitting.law import FitError
+    from tokenscale.orchestrator.grid import GridError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (CLIError, GridError, FitError, ValueError) as err:
+        print(f"tokenscale {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

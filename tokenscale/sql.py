@@ -1,0 +1,111 @@
+"""DuckDB over the store: views `results` and `laws`, local or s3:// (httpfs, offline)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from urllib.parse import urlparse
+
+import duckdb
+
+from .store import LAW_SCHEMA, RESULT_SCHEMA, Store, s3_endpoint
+
+_DUCK_TYPES = {
+    "string": "VARCHAR",
+    "int64": "BIGINT",
+    "double": "DOUBLE",
+    "timestamp[us, tz=UTC]": "TIMESTAMPTZ",
+}
+
+
+def _load_httpfs(con: duckdb.DuckDBPyConnection) -> None:
+    """Load httpfs from the PyPI package `duckdb-extension-httpfs` (same version as duckdb):
+    `INSTALL httpfs` needs DuckDB's extension server, which many clusters cannot reach."""
+    import duckdb_extension_httpfs
+
+    root = Path(duckdb_extension_httpfs.__file__).parent / "extensions" / f"v{duckdb.__version__}"
+    files = sorted(root.glob("httpfs.duckdb_extension"))
+    if not files:
+        raise RuntimeError(
+            f"no httpfs extension for duckdb {duckdb.__version__} in {root}: install "
+            f"duckdb-extension-httpfs=={duckdb.__version__}"
+        )
+    con.execute(f"LOAD '{files[0]}'")
+
+
+def _s3_secret(con: duckdb.DuckDBPyConnection) -> None:
+    """Credentials from the AWS chain (env, profile, instance role) through botocore, the
+    endpoint from AWS_ENDPOINT_URL; passed as parameters, never printed."""
+    import boto3
+
+    session = boto3.Session()
+    creds = session.get_credentials()
+    options = {"TYPE": "S3", "URL_STYLE": "path" if s3_endpoint() else "vhost"}
+    if creds is not None:
+        frozen = creds.get_frozen_credentials()
+        options["KEY_ID"], options["SECRET"] = frozen.access_key, frozen.secret_key
+        if frozen.token:
+            options["SESSION_TOKEN"] = frozen.token
+    region = session.region_name or os.environ.get("AWS_REGION")
+    if region:
+        options["REGION"] = region
+    endpoint = s3_endpoint()
+    if endpoint:
+        parsed = urlparse(endpoint)
+        options["ENDPOINT"] = parsed.netloc
+        options["USE_SSL"] = "true" if parsed.scheme == "https" else "false"
+    body = ", ".join(f"{k} {v}" if k in ("TYPE", "USE_SSL") else f"{k} '{v}'" for k, v in options.items())
+    con.execute(f"CREATE OR REPLACE SECRET tokenscale_s3 ({body})")
+
+
+def _empty_view(con: duckdb.DuckDBPyConnection, name: str, schema) -> None:
+    columns = ", ".join(f"NULL::{_DUCK_TYPES[str(f.type)]} AS \"{f.name}\"" for f in schema)
+    con.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT {columns} WHERE false")
+
+
+def connect(store: Store) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB with `results` and `laws` views over the store's parquet."""
+    con = duckdb.connect(":memory:")
+    if store.is_s3:
+        _load_httpfs(con)
+        _s3_secret(con)
+    for view, glob, schema, marker in (
+        ("results", store.results_glob(), RESULT_SCHEMA, "/results/"),
+        ("laws", store.laws_glob(), LAW_SCHEMA, "/laws/"),
+    ):
+        if any(marker in key for key in store.list(store.uri, ".parquet")):
+            # Columns live in the files; hive_partitioning off so the path's grid= and
+            # compressor= segments never shadow them.
+            con.execute(
+                f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM read_parquet('{glob}', "
+                "union_by_name = true, hive_partitioning = false)"
+            )
+        else:
+            _empty_view(con, view, schema)
+    return con
+
+
+class ReadOnlyError(ValueError):
+    """A statement that would write, refused without --write."""
+
+
+_READ_STATEMENTS = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
+
+
+def query(store: Store, sql: str, read_only: bool = True):
+    """Run one statement; returns (column names, rows)."""
+    con = connect(store)
+    try:
+        statements = con.extract_statements(sql)
+        if len(statements) != 1:
+            raise ReadOnlyError(f"give exactly one SQL statement, got {len(statements)}")
+        if read_only and statements[0].type not in _READ_STATEMENTS:
+            raise ReadOnlyError(
+                f"{statements[0].type.name} statements are refused: the store is read-only "
+                "here (pass --write to allow statements that write)"
+            )
+        cursor = con.execute(sql)
+        columns = [d[0] for d in cursor.description] if cursor.description else []
+        return columns, cursor.fetchall() if columns else []
+    finally:
+        con.close()
