@@ -47,9 +47,10 @@ def ray_storage(path: str) -> tuple[str, Any]:
 
 def run_trial(config: dict[str, Any]) -> None:
     """Tune function trainable: train + evaluate one grid point, write its rows once."""
-    trial = TrialConfig.from_dict(config["trial"])
+    trial = TrialConfig.from_dict(config["point"]["trial"])
+    config_hash = config["point"]["config_hash"]  # computed once, by the driver
     store = Store(config["store"])
-    if store.has_result(trial.grid, trial.compressor, trial.config_hash):
+    if store.has_result(trial.grid, trial.compressor, config_hash):
         tune.report({"mean_score": float("nan"), "skipped": True})
         return
     resources = config["resources"]
@@ -57,18 +58,19 @@ def run_trial(config: dict[str, Any]) -> None:
     per_worker = {"CPU": resources["cpus_per_worker"]}
     if use_gpu:
         per_worker["GPU"] = resources["gpus_per_worker"]
-    storage_path, storage_fs = ray_storage(store.join(trial.grid, "train"))
+    storage_path, storage_fs = ray_storage(config["ray_storage"].rstrip("/") + "/train")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
-            "trial": trial.to_dict(),
+            "trial": config["point"]["trial"],
+            "config_hash": config_hash,
             "store": store.uri,
             "threads_per_worker": max(1, int(resources["cpus_per_worker"])),
         },
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=train.ScalingConfig(num_workers=resources["workers"], use_gpu=use_gpu, resources_per_worker=per_worker),
         run_config=train.RunConfig(
-            name=trial.trial_id,
+            name=f"{trial.llm.name}-v{trial.visual_tokens}-{trial.compressor}-s{trial.seed}-{config_hash[:6]}",
             storage_path=storage_path,
             storage_filesystem=storage_fs,
             failure_config=train.FailureConfig(max_failures=config["max_failures"]),
@@ -76,8 +78,8 @@ def run_trial(config: dict[str, Any]) -> None:
         ),
     )
     trainer.fit()  # raises if the trial failed past its retries
-    if not store.has_result(trial.grid, trial.compressor, trial.config_hash):
-        raise RuntimeError(f"trial {trial.trial_id} finished without writing its result object")
+    if not store.has_result(trial.grid, trial.compressor, config_hash):
+        raise RuntimeError(f"trial {config_hash} finished without writing its result object")
 
 
 @dataclass
@@ -110,20 +112,26 @@ def init_ray() -> None:
         ray.init(include_dashboard=False, log_to_driver=True, _node_ip_address="127.0.0.1")
 
 
-def run_grid(grid: Grid, store: Store, verbose: int = 1) -> GridSummary:
+def run_grid(grid: Grid, store: Store, verbose: int = 1, ray_storage_uri: str | None = None) -> GridSummary:
+    """Run every trial of `grid` whose result is not in `store` yet.
+
+    Ray's own experiment state (Tune's, for resume, and Train's checkpoints) goes to
+    `ray_storage_uri`, by default `<store>/<grid>`, i.e. beside the results."""
     started = time.perf_counter()
+    ray_root = (ray_storage_uri or store.join(grid.name)).rstrip("/")
     trials = grid.trials()
     pending = [t for t in trials if not store.has_result(t.grid, t.compressor, t.config_hash)]
     summary = GridSummary(grid.name, len(trials), len(trials) - len(pending), 0, 0, 0.0, store.results_glob(grid.name))
     if pending:
         init_ray()
-        storage_path, storage_fs = ray_storage(store.trials_dir(grid.name))
+        storage_path, storage_fs = ray_storage(ray_root)
         trainable = tune.with_resources(run_trial, {"CPU": 0.01})  # the trial only waits on its trainer
         tuner = tune.Tuner(
             trainable,
             param_space={
-                "trial": tune.grid_search([t.to_dict() for t in pending]),
+                "point": tune.grid_search([{"trial": t.to_dict(), "config_hash": t.config_hash} for t in pending]),
                 "store": store.uri,
+                "ray_storage": ray_root,
                 "resources": {
                     "workers": grid.resources.workers,
                     "cpus_per_worker": grid.resources.cpus_per_worker,

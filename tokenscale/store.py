@@ -150,10 +150,6 @@ class Store:
     def plots_dir(self, grid: str) -> str:
         return self.join(grid, "plots")
 
-    def trials_dir(self, grid: str) -> str:
-        """Where Ray keeps the grid's Tune experiment (for resume)."""
-        return self.join(grid, "tune")
-
     # ---- I/O --------------------------------------------------------------------------
     def _s3(self):
         import boto3

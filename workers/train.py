@@ -170,5 +170,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     metrics = train_and_evaluate(trial, rank=rank)
     rows = metrics.pop("rows", None)
     if rank == 0:
-        Store(config["store"]).write_results(trial.grid, trial.compressor, trial.config_hash, rows)
+        # The driver's hash names the object: a worker running other code (new defaults)
+        # must still write where the driver looks.
+        config_hash = config.get("config_hash") or trial.config_hash
+        for row in rows:
+            row["config_hash"] = config_hash
+        Store(config["store"]).write_results(trial.grid, trial.compressor, config_hash, rows)
     ray.train.report(metrics)
