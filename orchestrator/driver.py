@@ -9,19 +9,19 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
+import yaml
 from ray import train, tune
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
-from tokenscale.workers.train import train_loop_per_worker
-from tokenscale.workers.trial import TrialConfig
 
 from tokenscale.store import Store
+from tokenscale.workers.trial import TrialConfig
 
-from .grid import Grid
+from .grid import Grid, GridError, estimate_llm_params, grid_to_dict, parse_grid
 
 
 def ray_storage(path: str) -> tuple[str, Any]:
@@ -45,6 +45,26 @@ def ray_storage(path: str) -> tuple[str, Any]:
     return path[len("s3://") :], fs.S3FileSystem(**options)
 
 
+def point_name(config: dict[str, Any]) -> str:
+    """Readable, unique name of a grid point: llm-vV-compressor-sSEED-hash."""
+    trial, config_hash = config["trial"], config["config_hash"]
+    return f"{trial['llm']['name']}-v{trial['visual_tokens']}-{trial['compressor']}-s{trial['seed']}-{config_hash[:6]}"
+
+
+def _tune_trial_name(trial) -> str:
+    return point_name(trial.config["point"])
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Runs in each Ray Train worker. The import is deferred so that the Tune trial process,
+    which only waits on its trainer, never pays for importing torch/transformers/DeepSpeed."""
+    entered = time.time()
+    from tokenscale.workers.train import train_loop_per_worker
+
+    timing = {"trial_started": config["trial_started"], "entered": entered, "imported": time.time()}
+    train_loop_per_worker({**config, "timing": timing})
+
+
 def run_trial(config: dict[str, Any]) -> None:
     """Tune function trainable: train + evaluate one grid point, write its rows once."""
     trial = TrialConfig.from_dict(config["point"]["trial"])
@@ -53,24 +73,30 @@ def run_trial(config: dict[str, Any]) -> None:
     if store.has_result(trial.grid, trial.compressor, config_hash):
         tune.report({"mean_score": float("nan"), "skipped": True})
         return
-    resources = config["resources"]
+    resources = config["point"]["resources"]
     use_gpu = resources["gpus_per_worker"] > 0
     per_worker = {"CPU": resources["cpus_per_worker"]}
     if use_gpu:
         per_worker["GPU"] = resources["gpus_per_worker"]
     storage_path, storage_fs = ray_storage(config["ray_storage"].rstrip("/") + "/train")
     trainer = TorchTrainer(
-        train_loop_per_worker,
+        train_loop,
         train_loop_config={
             "trial": config["point"]["trial"],
             "config_hash": config_hash,
             "store": store.uri,
             "threads_per_worker": max(1, int(resources["cpus_per_worker"])),
+            "trial_started": time.time(),  # for the overhead breakdown in the metrics
         },
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=train.ScalingConfig(num_workers=resources["workers"], use_gpu=use_gpu, resources_per_worker=per_worker),
+        scaling_config=train.ScalingConfig(
+            num_workers=resources["workers"],
+            use_gpu=use_gpu,
+            resources_per_worker=per_worker,
+            placement_strategy=resources["placement_strategy"],
+        ),
         run_config=train.RunConfig(
-            name=f"{trial.llm.name}-v{trial.visual_tokens}-{trial.compressor}-s{trial.seed}-{config_hash[:6]}",
+            name=point_name(config["point"]),
             storage_path=storage_path,
             storage_filesystem=storage_fs,
             failure_config=train.FailureConfig(max_failures=config["max_failures"]),
@@ -91,6 +117,7 @@ class GridSummary:
     errored: int
     wall_seconds: float
     results: str
+    trial_metrics: list[dict] = field(default_factory=list)  # last metrics Tune saw per trial
 
     def line(self) -> str:
         return (
@@ -109,7 +136,46 @@ def init_ray() -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
     else:
-        ray.init(include_dashboard=False, log_to_driver=True, _node_ip_address="127.0.0.1")
+        # One logical CPU more than the machine has: each Tune trial process holds 0.01 CPU
+        # while it waits on its trainer, and without the spare unit two such slivers leave
+        # 1.98 CPUs, so the second 1-CPU Train worker would wait for the first trial to end.
+        ray.init(
+            num_cpus=(os.cpu_count() or 1) + 1,
+            include_dashboard=False,
+            log_to_driver=True,
+            _node_ip_address="127.0.0.1",
+        )
+
+
+GRID_FILE = "grid.yaml"
+TUNE_NAME = "tune"
+
+
+def save_grid(grid: Grid, store: Store) -> str:
+    """The grid as run, beside its results: `resume` and `status` read it back."""
+    key = store.join(grid.name, GRID_FILE)
+    store.put_bytes(key, yaml.safe_dump(grid_to_dict(grid), sort_keys=False).encode())
+    return key
+
+
+def load_saved_grid(store: Store, name: str) -> Grid:
+    key = store.join(name, GRID_FILE)
+    if not store.exists(key):
+        raise GridError(f"grid {name!r} was never run with store {store.uri} (no {key}); start it with `tokenscale run`")
+    return parse_grid(yaml.safe_load(store.get_bytes(key)), key)
+
+
+def _tuner_args(grid: Grid, store: Store, ray_root: str, verbose: int) -> tuple[Any, Any]:
+    trainable = tune.with_resources(run_trial, {"CPU": 0.01})  # the trial only waits on its trainer
+    run_config = tune.RunConfig(
+        name=TUNE_NAME,
+        storage_path=ray_storage(ray_root)[0],
+        storage_filesystem=ray_storage(ray_root)[1],
+        failure_config=tune.FailureConfig(max_failures=grid.max_failures),
+        verbose=verbose,
+        progress_reporter=progress_reporter(),
+    )
+    return trainable, run_config
 
 
 def run_grid(grid: Grid, store: Store, verbose: int = 1, ray_storage_uri: str | None = None) -> GridSummary:
@@ -122,34 +188,132 @@ def run_grid(grid: Grid, store: Store, verbose: int = 1, ray_storage_uri: str | 
     trials = grid.trials()
     pending = [t for t in trials if not store.has_result(t.grid, t.compressor, t.config_hash)]
     summary = GridSummary(grid.name, len(trials), len(trials) - len(pending), 0, 0, 0.0, store.results_glob(grid.name))
+    save_grid(grid, store)
     if pending:
         init_ray()
-        storage_path, storage_fs = ray_storage(ray_root)
-        trainable = tune.with_resources(run_trial, {"CPU": 0.01})  # the trial only waits on its trainer
+        trainable, run_config = _tuner_args(grid, store, ray_root, verbose)
         tuner = tune.Tuner(
             trainable,
             param_space={
-                "point": tune.grid_search([{"trial": t.to_dict(), "config_hash": t.config_hash} for t in pending]),
+                "point": tune.grid_search([
+                    {
+                        "trial": t.to_dict(),
+                        "config_hash": t.config_hash,
+                        "resources": grid.resources.for_params(estimate_llm_params(t.llm)),
+                    }
+                    for t in pending
+                ]),
                 "store": store.uri,
                 "ray_storage": ray_root,
-                "resources": {
-                    "workers": grid.resources.workers,
-                    "cpus_per_worker": grid.resources.cpus_per_worker,
-                    "gpus_per_worker": grid.resources.gpus_per_worker,
-                },
                 "max_failures": grid.max_failures,
             },
-            tune_config=tune.TuneConfig(max_concurrent_trials=grid.max_concurrent_trials),
-            run_config=tune.RunConfig(
-                name="tune",
-                storage_path=storage_path,
-                storage_filesystem=storage_fs,
-                failure_config=tune.FailureConfig(max_failures=grid.max_failures),
-                verbose=verbose,
+            # reuse_actors: a finished trial's process runs the next trial (no new process)
+            tune_config=tune.TuneConfig(
+                max_concurrent_trials=grid.max_concurrent_trials,
+                reuse_actors=True,
+                trial_name_creator=_tune_trial_name,
+                trial_dirname_creator=_tune_trial_name,
             ),
+            run_config=run_config,
         )
-        results = tuner.fit()
-        summary.errored = sum(1 for r in results if r.error is not None)
-        summary.finished = len(pending) - summary.errored
+        _collect(tuner.fit(), summary)
     summary.wall_seconds = time.perf_counter() - started
     return summary
+
+
+def _collect(results: Any, summary: GridSummary) -> None:
+    summary.trial_metrics = [dict(r.metrics or {}) for r in results]
+    summary.errored = sum(1 for r in results if r.error is not None)
+    summary.finished = sum(1 for r in results if r.error is None and not (r.metrics or {}).get("skipped"))
+
+
+def resume_grid(store: Store, name: str, verbose: int = 1, ray_storage_uri: str | None = None) -> GridSummary:
+    """Finish a grid after the driver died or trials errored.
+
+    Restores the Tune experiment from the store (unfinished and errored trials resume,
+    from their last checkpoint where they have one); a trial whose result object is
+    already in the store returns at once without training. Without saved Tune state
+    (the driver died before Tune wrote any), the grid simply runs again, which starts only
+    the trials missing from the store."""
+    started = time.perf_counter()
+    grid = load_saved_grid(store, name)
+    ray_root = (ray_storage_uri or store.join(grid.name)).rstrip("/")
+    path, fs = ray_storage(f"{ray_root}/{TUNE_NAME}")
+    if not tune.Tuner.can_restore(path, storage_filesystem=fs):
+        return run_grid(grid, store, verbose, ray_storage_uri)
+    trials = grid.trials()
+    missing = [t for t in trials if not store.has_result(t.grid, t.compressor, t.config_hash)]
+    summary = GridSummary(grid.name, len(trials), len(trials) - len(missing), 0, 0, 0.0, store.results_glob(grid.name))
+    if missing:
+        init_ray()
+        trainable, _ = _tuner_args(grid, store, ray_root, verbose)
+        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs)
+        _collect(tuner.fit(), summary)
+        # trials that were never part of the saved experiment (the grid grew): run them too
+        still = [t for t in trials if not store.has_result(t.grid, t.compressor, t.config_hash)]
+        if still and summary.errored == 0:
+            summary.errored = len(still)
+    summary.finished = summary.trials - summary.already_done - summary.errored
+    summary.wall_seconds = time.perf_counter() - started
+    return summary
+
+
+@dataclass
+class TrialStatus:
+    name: str
+    llm: str
+    visual_tokens: int
+    compressor: str
+    seed: int
+    status: str  # done | running | errored | pending
+    error: str = ""
+
+
+def grid_status(store: Store, name: str, ray_storage_uri: str | None = None) -> list[TrialStatus]:
+    """Per trial: done (its result is in the store), else what Tune last recorded."""
+    grid = load_saved_grid(store, name)
+    ray_root = (ray_storage_uri or store.join(grid.name)).rstrip("/")
+    path, fs = ray_storage(f"{ray_root}/{TUNE_NAME}")
+    tune_state: dict[str, tuple[str, str]] = {}
+    if tune.Tuner.can_restore(path, storage_filesystem=fs):
+        from ray.tune import ExperimentAnalysis
+
+        for trial in ExperimentAnalysis(path, storage_filesystem=fs).trials:
+            error = ""
+            if trial.status == "ERROR":
+                error = _last_error_line(trial)
+            tune_state[trial.config["point"]["config_hash"]] = (trial.status, error)
+    rows = []
+    for t in grid.trials():
+        state, error = tune_state.get(t.config_hash, ("PENDING", ""))
+        if store.has_result(t.grid, t.compressor, t.config_hash):
+            status, error = "done", ""
+        else:
+            status = {"RUNNING": "running", "ERROR": "errored"}.get(state, "pending")
+        point = {"trial": t.to_dict(), "config_hash": t.config_hash}
+        rows.append(TrialStatus(point_name(point), t.llm.name, t.visual_tokens, t.compressor, t.seed, status, error))
+    return rows
+
+
+def _last_error_line(trial: Any) -> str:
+    try:
+        text = trial.get_error() or ""
+    except Exception:  # the error file may live on a node that is gone
+        text = ""
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    return lines[-1] if lines else "errored (no message recorded)"
+
+
+def progress_reporter() -> Any:
+    """Tune's live table: trial, status, LLM, V, compressor and the last metric."""
+    return tune.CLIReporter(
+        parameter_columns={
+            "point/trial/llm/name": "llm",
+            "point/trial/visual_tokens": "V",
+            "point/trial/compressor": "compressor",
+            "point/trial/seed": "seed",
+        },
+        metric_columns={"mean_score": "mean score", "stage2_loss": "loss", "train_seconds": "train s"},
+        max_report_frequency=15,
+        sort_by_metric=False,
+    )

@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from tokenscale.workers.benchmarks import BENCHMARKS
-from tokenscale.workers.trial import DataSpec, LLMSpec, TrainSpec, TrialConfig, VisionSpec
 
 from tokenscale import compressors
 from tokenscale.store import check_name
+from tokenscale.workers.benchmarks import BENCHMARKS
+from tokenscale.workers.trial import DataSpec, LLMSpec, TrainSpec, TrialConfig, VisionSpec
 
 
 class GridError(ValueError):
@@ -27,10 +27,64 @@ class GridError(ValueError):
 
 
 @dataclass(frozen=True)
+class Band:
+    """Resources for LLMs of at most `max_params` non-embedding parameters."""
+
+    max_params: float
+    workers: int = 1
+    cpus_per_worker: float = 1
+    gpus_per_worker: float = 0
+
+
+@dataclass(frozen=True)
+class NodeType:
+    """The largest node a trial's worker can land on (what a bundle must fit in)."""
+
+    cpus: float
+    gpus: float = 0
+
+
+@dataclass(frozen=True)
 class Resources:
     workers: int = 1  # Ray Train workers per trial (data parallel)
     cpus_per_worker: float = 1
     gpus_per_worker: float = 0
+    placement_strategy: str = "PACK"  # of one trial's workers: PACK, SPREAD, STRICT_PACK, STRICT_SPREAD
+    # Size bands, smallest first: an LLM takes the first band whose max_params >= its size;
+    # larger LLMs than every band (or of unknown size) take the defaults above.
+    bands: tuple[Band, ...] = ()
+    # The node types of the cluster; default: this machine (local runs) — used to reject a
+    # per-worker request that no node can satisfy, before anything starts.
+    node_types: tuple[NodeType, ...] = ()
+
+    def for_params(self, params: float | None) -> dict[str, Any]:
+        for band in self.bands:
+            if params is not None and params <= band.max_params:
+                return {"workers": band.workers, "cpus_per_worker": band.cpus_per_worker,
+                        "gpus_per_worker": band.gpus_per_worker, "placement_strategy": self.placement_strategy}
+        return {"workers": self.workers, "cpus_per_worker": self.cpus_per_worker,
+                "gpus_per_worker": self.gpus_per_worker, "placement_strategy": self.placement_strategy}
+
+
+def estimate_llm_params(llm: LLMSpec) -> float | None:
+    """Non-embedding parameters of a Qwen2-style LM, from its spec or its config.json
+    (None for a checkpoint we cannot read here, e.g. on s3://)."""
+    if llm.path:
+        config_file = Path(llm.path) / "config.json"
+        if not config_file.is_file():
+            return None
+        import json
+
+        cfg = json.loads(config_file.read_text())
+        hidden, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
+        heads = cfg["num_attention_heads"]
+        kv_heads, inter = cfg.get("num_key_value_heads", heads), cfg["intermediate_size"]
+    else:
+        hidden, layers, heads, kv_heads, inter = llm.hidden_size, llm.layers, llm.heads, llm.kv_heads, llm.intermediate_size
+    kv_dim = kv_heads * (hidden // heads)
+    attention = hidden * hidden + hidden + 2 * (hidden * kv_dim + kv_dim) + hidden * hidden  # q(+b) k,v(+b) o
+    mlp = 3 * hidden * inter
+    return float(layers * (attention + mlp + 2 * hidden) + hidden)  # + 2 norms per layer, final norm
 
 
 @dataclass(frozen=True)
@@ -58,8 +112,11 @@ class Grid:
         return self.grid
 
     def trials(self) -> list[TrialConfig]:
-        """Every grid point; smallest LLM first so cheap trials report early."""
+        """Every grid point, in the order they are scheduled: alternately the smallest and
+        the largest remaining LLM, so the first results come back early (smallest first)
+        and the longest trials start early too instead of waiting behind every small one."""
         llms = sorted(self.llms, key=_llm_size)
+        llms = [llms[i // 2] if i % 2 == 0 else llms[-1 - i // 2] for i in range(len(llms))]
         return [
             TrialConfig(
                 grid=self.grid,
@@ -76,8 +133,9 @@ class Grid:
         ]
 
 
-def _llm_size(llm: LLMSpec) -> int:
-    return llm.layers * llm.hidden_size * (llm.hidden_size + llm.intermediate_size)
+def _llm_size(llm: LLMSpec) -> float:
+    params = estimate_llm_params(llm)
+    return float("inf") if params is None else params
 
 
 # ---- generic typed parsing of dataclasses -----------------------------------------------
@@ -104,8 +162,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return None
         return _coerce(value, args[0], where)
     if origin in (tuple, list):
-        if not isinstance(value, list) or not value:
-            raise GridError(f"{where}: expected a non-empty list of {_describe(typing.get_args(tp)[0])}, got {value!r}")
+        if not isinstance(value, list):
+            raise GridError(f"{where}: expected a list of {_describe(typing.get_args(tp)[0])}, got {value!r}")
         return tuple(_coerce(v, typing.get_args(tp)[0], f"{where}[{i}]") for i, v in enumerate(value))
     if origin is dict:
         if not isinstance(value, dict):
@@ -158,6 +216,10 @@ def _normalize(raw: dict[str, Any]) -> dict[str, Any]:
 
 def _check(grid: Grid) -> None:
     check_name_field("grid", grid.grid)
+    for where, value in (("llms", grid.llms), ("visual_tokens", grid.visual_tokens), ("compressors", grid.compressors),
+                         ("seeds", grid.seeds), ("data.benchmarks", grid.data.benchmarks)):
+        if not value:
+            raise GridError(f"{where}: expected a non-empty list, got []")
     names = [llm.name for llm in grid.llms]
     for i, llm in enumerate(grid.llms):
         check_name_field(f"llms[{i}].name", llm.name)
@@ -212,13 +274,53 @@ def _check(grid: Grid) -> None:
     for key in ("train_examples", "eval_examples"):
         if getattr(grid.data, key) < 1:
             raise GridError(f"data.{key}: must be >= 1, got {getattr(grid.data, key)}")
-    res = grid.resources
-    if res.workers < 1 or res.cpus_per_worker <= 0 or res.gpus_per_worker < 0:
-        raise GridError("resources: workers >= 1, cpus_per_worker > 0 and gpus_per_worker >= 0 are required")
+    _check_resources(grid)
     if grid.max_concurrent_trials < 1:
         raise GridError(f"max_concurrent_trials: must be >= 1, got {grid.max_concurrent_trials}")
     if grid.max_failures < 0:
         raise GridError(f"max_failures: must be >= 0, got {grid.max_failures}")
+
+
+_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
+def local_node_type() -> NodeType:
+    """This machine, for local runs."""
+    gpus = 0
+    try:
+        import torch
+
+        gpus = torch.cuda.device_count()
+    except ImportError:
+        pass
+    return NodeType(cpus=float(os.cpu_count() or 1), gpus=float(gpus))
+
+
+def _check_resources(grid: Grid) -> None:
+    res = grid.resources
+    if res.placement_strategy not in _STRATEGIES:
+        raise GridError(f"resources.placement_strategy: {res.placement_strategy!r}; choose one of {', '.join(_STRATEGIES)}")
+    shapes = [("resources", res.workers, res.cpus_per_worker, res.gpus_per_worker)]
+    shapes += [(f"resources.bands[{i}]", b.workers, b.cpus_per_worker, b.gpus_per_worker) for i, b in enumerate(res.bands)]
+    for where, workers, cpus, gpus in shapes:
+        if workers < 1 or cpus <= 0 or gpus < 0:
+            raise GridError(f"{where}: workers >= 1, cpus_per_worker > 0 and gpus_per_worker >= 0 are required")
+    limits = [b.max_params for b in res.bands]
+    if limits != sorted(limits) or len(set(limits)) != len(limits):
+        raise GridError(f"resources.bands: max_params must increase strictly from band to band, got {limits}")
+    nodes = list(res.node_types)
+    if not nodes and not os.environ.get("RAY_ADDRESS"):
+        nodes = [local_node_type()]
+    if not nodes:
+        return  # a cluster whose node types the grid does not state: Ray will tell
+    for where, _, cpus, gpus in shapes:
+        if not any(cpus <= n.cpus and gpus <= n.gpus for n in nodes):
+            have = ", ".join(f"{n.cpus:g} CPU/{n.gpus:g} GPU" for n in nodes)
+            raise GridError(
+                f"{where}: a worker asks for {cpus:g} CPU and {gpus:g} GPU but no node type has that "
+                f"(node types: {have}); lower cpus_per_worker/gpus_per_worker or list a larger node in "
+                "resources.node_types"
+            )
 
 
 def check_name_field(where: str, value: str) -> None:
@@ -252,3 +354,16 @@ def load_grid(path: str | Path) -> Grid:
     except yaml.YAMLError as err:
         raise GridError(f"{path}: not valid YAML ({err})") from None
     return parse_grid(raw, str(path))
+
+
+def grid_to_dict(grid: Grid) -> dict[str, Any]:
+    """The grid as plain YAML-able data; `parse_grid(grid_to_dict(g)) == g`."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(dataclasses.asdict(grid))

@@ -14,10 +14,10 @@ import ray
 import requests
 import yaml
 from conftest import free_port, tiny_grid
-from tokenscale.fitting.grid_fit import fit_grid
-from tokenscale.orchestrator.driver import run_grid
-from tokenscale.orchestrator.grid import parse_grid
 
+from tokenscale.fitting.grid_fit import fit_grid
+from tokenscale.orchestrator.driver import init_ray, run_grid
+from tokenscale.orchestrator.grid import parse_grid
 from tokenscale.sql import query
 from tokenscale.store import Store
 
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def local_ray(tmp_path):
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=None)
+    init_ray()
     try:
         yield
     finally:

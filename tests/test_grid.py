@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 from conftest import REPO, tiny_grid
-from tokenscale.orchestrator.grid import GridError, load_grid, parse_grid
+
+from tokenscale.orchestrator.grid import GridError, estimate_llm_params, load_grid, parse_grid
 
 
 def test_demo_grid_parses_and_expands():
@@ -13,8 +14,30 @@ def test_demo_grid_parses_and_expands():
     trials = grid.trials()
     assert len(trials) == len(grid.llms) * len(grid.visual_tokens) * len(grid.compressors) * len(grid.seeds)
     assert len({t.config_hash for t in trials}) == len(trials)
-    sizes = [t.llm.hidden_size * t.llm.layers for t in trials]
-    assert sizes == sorted(sizes), "small models are scheduled first"
+    sizes = [estimate_llm_params(t.llm) for t in trials]
+    assert sizes[0] == min(sizes), "the smallest model starts first"
+    first_largest = sizes.index(max(sizes))
+    assert first_largest <= len(grid.visual_tokens) * len(grid.compressors), "the largest never waits behind all others"
+
+
+def test_param_estimate_matches_the_built_model():
+    from tokenscale.workers.model import build_llm, non_embedding_params
+
+    for llm in parse_grid(tiny_grid()).llms:
+        assert estimate_llm_params(llm) == non_embedding_params(build_llm(llm, 60))
+
+
+def test_resources_by_size_band():
+    raw = tiny_grid(resources={
+        "workers": 4, "cpus_per_worker": 1,
+        "bands": [{"max_params": 5000, "workers": 1}, {"max_params": 20000, "workers": 2}],
+        "node_types": [{"cpus": 8, "gpus": 0}],
+    })
+    grid = parse_grid(raw)
+    by_llm = {t.llm.name: grid.resources.for_params(estimate_llm_params(t.llm))["workers"] for t in grid.trials()}
+    sizes = {llm.name: estimate_llm_params(llm) for llm in grid.llms}
+    assert sizes["xs"] <= 5000 < sizes["s"] <= 20000 < sizes["m"]
+    assert by_llm == {"xs": 1, "s": 2, "m": 4}
 
 
 def test_config_hash_is_stable_and_sensitive():
@@ -42,6 +65,11 @@ def test_config_hash_is_stable_and_sensitive():
         ({"max_concurrent_trials": 0}, "max_concurrent_trials"),
         ({"resources": {"workers": 0}}, "resources"),
         ({"llms": [{"hidden_size": 32}]}, "llms[0].name: required"),
+        ({"resources": {"gpus_per_worker": 1, "node_types": [{"cpus": 8}]}}, "no node type has that"),
+        ({"resources": {"cpus_per_worker": 4096}}, "no node type has that"),
+        ({"resources": {"placement_strategy": "ANYWHERE"}}, "resources.placement_strategy"),
+        ({"resources": {"bands": [{"max_params": 10}, {"max_params": 5}]}}, "must increase"),
+        ({"seeds": [0.5]}, "seeds[0]: expected an integer"),
     ],
 )
 def test_bad_grids_name_the_field(change, message):

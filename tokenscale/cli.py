@@ -40,6 +40,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0 if summary.errored == 0 else 1
 
 
+def cmd_resume(args: argparse.Namespace) -> int:
+    from tokenscale.orchestrator.driver import resume_grid
+
+    summary = resume_grid(_store(args), args.grid, verbose=args.verbose)
+    print(summary.line())
+    return 0 if summary.errored == 0 else 1
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from tokenscale.orchestrator.driver import grid_status
+
+    rows = grid_status(_store(args), args.grid)
+    columns = ["trial", "llm", "V", "compressor", "seed", "status", "error"]
+    _print_table(columns, [(r.name, r.llm, r.visual_tokens, r.compressor, r.seed, r.status, r.error) for r in rows], args.format)
+    counts = {s: sum(r.status == s for r in rows) for s in ("done", "running", "errored", "pending")}
+    if args.format == "table":
+        print(", ".join(f"{n} {s}" for s, n in counts.items()))
+    return 0
+
+
 # ---- sql ---------------------------------------------------------------------------------
 
 
@@ -217,6 +237,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", help=store_help)
     p.add_argument("--verbose", type=int, default=1, choices=[0, 1, 2], help="Tune progress output")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("resume", help="finish a grid after the driver died or trials errored")
+    p.add_argument("grid", help="grid name in the store")
+    p.add_argument("--store", help=store_help)
+    p.add_argument("--verbose", type=int, default=1, choices=[0, 1, 2], help="Tune progress output")
+    p.set_defaults(func=cmd_resume)
+
+    p = sub.add_parser("status", help="done / running / errored / pending per trial of a grid")
+    p.add_argument("grid", help="grid name in the store")
+    p.add_argument("--store", help=store_help)
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("sql", help="DuckDB SQL over the store (views: results, laws)")
     p.add_argument("query", help='e.g. "select count(*) from results"')

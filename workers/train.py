@@ -7,6 +7,7 @@ set of trainable parameters changes. Rank 0 evaluates and returns one row per be
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from datetime import datetime, timezone
@@ -17,16 +18,32 @@ import torch
 
 from tokenscale import code_version
 
-from .benchmarks import BENCHMARKS, Split, generate
+from .benchmarks import TOKEN_ID, Split, generate
 from .model import VLM
 from .trial import TrialConfig
 
 
+PAD = TOKEN_ID["<pad>"]
+
+
+def _left_pad(split: Split, length: int) -> Split:
+    """Questions left-padded with <pad> to `length`, so the sequence is
+    [visual][pad..][question][answer]: the model learns to ignore the pads, and the question
+    ends right before the answer as before. Answers are one word + <eos> everywhere."""
+    extra = length - split.questions.shape[1]
+    questions = np.pad(split.questions, ((0, 0), (extra, 0)), constant_values=PAD) if extra else split.questions
+    return Split(split.benchmark, split.images, questions, split.answers, split.labels)
+
+
 def load_splits(trial: TrialConfig) -> tuple[list[Split], list[Split]]:
+    """Per-benchmark train and eval splits, questions left-padded to one common length so
+    that a training batch can mix benchmarks (one benchmark per batch, round-robin, made
+    Adam chase the last task's answer prior and nothing was learned from the images)."""
     data, size = trial.data, trial.vision.image_size
     train = [generate(b, "train", data.train_examples, data.data_seed, size) for b in data.benchmarks]
     evals = [generate(b, "eval", data.eval_examples, data.data_seed, size) for b in data.benchmarks]
-    return train, evals
+    length = max(s.questions.shape[1] for s in train + evals)
+    return [_left_pad(s, length) for s in train], [_left_pad(s, length) for s in evals]
 
 
 def deepspeed_config(trial: TrialConfig, lr: float, use_bf16: bool) -> dict[str, Any]:
@@ -59,22 +76,50 @@ def _batch(split: Split, index: np.ndarray, device: torch.device, dtype: torch.d
     )
 
 
+def warmup_cosine(steps: int, warmup_fraction: float):
+    """LR multiplier: linear warmup over the first `warmup_fraction` of the steps, then a
+    cosine decay to 0 (short runs gain a lot from annealing)."""
+    warmup = max(1, int(round(warmup_fraction * steps)))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    return factor
+
+
 def run_stage(model: VLM, trial: TrialConfig, splits: list[Split], steps: int, lr: float, rng: np.random.Generator, device: torch.device, use_bf16: bool) -> float:
-    """Train the parameters that require grad for `steps` steps; returns the last mean loss."""
+    """Train the parameters that require grad for `steps` steps; returns the last mean loss.
+
+    Every batch mixes benchmarks: micro_batch examples drawn uniformly from all of them."""
+    if steps <= 0:
+        return float("nan")
     import deepspeed
 
     params = [p for p in model.parameters() if p.requires_grad]
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=deepspeed_config(trial, lr, use_bf16))
+    schedule = warmup_cosine(steps, trial.train.warmup_fraction)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=params,
+        config=deepspeed_config(trial, lr, use_bf16),
+        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
+    )
     dtype = torch.bfloat16 if use_bf16 else torch.float32
+    pool = Split(
+        splits[0].benchmark,
+        np.concatenate([s.images for s in splits]),
+        np.concatenate([s.questions for s in splits]),
+        np.concatenate([s.answers for s in splits]),
+    )
     losses: list[float] = []
-    for step in range(steps):
-        split = splits[step % len(splits)]  # round-robin: every batch is one benchmark
-        index = rng.integers(0, len(split), trial.train.micro_batch)
-        loss, _ = engine(*_batch(split, index, device, dtype))
+    for _ in range(steps):
+        index = rng.integers(0, len(pool), trial.train.micro_batch)
+        loss, _ = engine(*_batch(pool, index, device, dtype))
         engine.backward(loss)
         engine.step()
         losses.append(loss.item())
-    return float(np.mean(losses[-max(1, len(splits)) :])) if losses else float("nan")
+    return float(np.mean(losses[-10:]))
 
 
 @torch.no_grad()
@@ -92,7 +137,9 @@ def evaluate(model: VLM, trial: TrialConfig, splits: list[Split], device: torch.
             _, logits = model(images, questions, answers)
             correct += int((logits.argmax(-1) == answers).all(dim=1).sum())
         score = correct / len(split)
-        text_tokens, generated = split.questions.shape[1], split.answers.shape[1]
+        # real question length: the left padding is a batching device, not part of the query
+        text_tokens = float((split.questions != PAD).sum(axis=1).mean())
+        generated = split.answers.shape[1]
         rows.append(
             {
                 "benchmark": split.benchmark.name,
@@ -176,4 +223,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         for row in rows:
             row["config_hash"] = config_hash
         Store(config["store"]).write_results(trial.grid, trial.compressor, config_hash, rows)
+    timing = config.get("timing")
+    if timing:  # where the trial's wall time went, for benchmarks/bench_overhead.py
+        metrics["startup_seconds"] = timing["entered"] - timing["trial_started"]
+        metrics["import_seconds"] = timing["imported"] - timing["entered"]
+        metrics["worker_seconds"] = time.time() - timing["imported"]
     ray.train.report(metrics)

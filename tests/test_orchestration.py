@@ -1,0 +1,117 @@
+"""Fault tolerance for real: a Train worker killed mid-trial, the driver killed mid-grid
+and `tokenscale resume`; each test starts and stops its own Ray."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import ray
+import yaml
+from conftest import tiny_grid
+
+from tokenscale.orchestrator.driver import grid_status, init_ray, run_grid
+from tokenscale.orchestrator.grid import parse_grid
+from tokenscale.sql import query
+from tokenscale.store import Store
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+
+
+def _ours(proc: psutil.Process) -> bool:
+    """A process started under this test process (not another Ray on the machine)."""
+    try:
+        return any(parent.pid == os.getpid() for parent in proc.parents())
+    except psutil.Error:
+        return False
+
+
+def _find_train_worker() -> psutil.Process | None:
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if "RayTrainWorker" in cmdline and _ours(proc):
+            return proc
+    return None
+
+
+def test_killed_train_worker_restarts_and_trial_completes(tmp_path):
+    grid = parse_grid(tiny_grid(
+        "killworker", llms=1, visual_tokens=(4,), max_failures=2,
+        train={"zero_stage": 1, "micro_batch": 8, "stage1_steps": 2, "stage2_steps": 400},
+    ))
+    store = Store.open(str(tmp_path / "store"))
+    killed: list[int] = []
+
+    def killer() -> None:
+        deadline = time.time() + 240
+        while time.time() < deadline and not killed:
+            worker = _find_train_worker()
+            if worker is not None:
+                time.sleep(8)  # let it get into training
+                if worker.is_running():
+                    worker.send_signal(signal.SIGKILL)
+                    killed.append(worker.pid)
+                return
+            time.sleep(0.5)
+
+    init_ray()
+    try:
+        thread = threading.Thread(target=killer, daemon=True)
+        thread.start()
+        summary = run_grid(grid, store, verbose=0)
+        thread.join(timeout=5)
+    finally:
+        ray.shutdown()
+    assert killed, "the Train worker was never seen, so nothing was killed"
+    assert summary.errored == 0 and summary.finished == 1, summary
+    _, rows = query(store, "select count(*), count(distinct config_hash) from results")
+    assert rows == [(2, 1)]
+
+
+def test_driver_killed_then_resume_runs_only_missing_trials(tmp_path):
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump(tiny_grid("resumable", llms=2, visual_tokens=(1, 4), max_concurrent_trials=1)))
+    store_dir = tmp_path / "store"
+    store = Store.open(str(store_dir))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    driver = subprocess.Popen(
+        [str(BIN / "tokenscale"), "run", str(grid_file), "--store", str(store_dir), "--verbose", "0"],
+        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not store.read_results("resumable").num_rows:
+            assert driver.poll() is None, "the driver ended before it could be killed"
+            time.sleep(1)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started
+        driver.wait(timeout=30)
+    before = store.read_results("resumable")
+    done_before = {h: t for h, t in zip(before["config_hash"].to_pylist(), before["finished_at"].to_pylist(), strict=True)}
+    assert 1 <= len(done_before) < 4, "kill the driver mid-grid"
+
+    statuses = grid_status(store, "resumable")
+    assert len(statuses) == 4
+    assert sum(s.status == "done" for s in statuses) == len(done_before)
+
+    resume = subprocess.run(
+        [str(BIN / "tokenscale"), "resume", "resumable", "--store", str(store_dir), "--verbose", "0"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert resume.returncode == 0, resume.stdout[-2000:] + resume.stderr[-3000:]
+    assert "4/4 trials done" in resume.stdout
+    _, rows = query(store, "select count(*), count(distinct config_hash) from results")
+    assert rows == [(4 * 2, 4)], "every result exactly once"
+    after = store.read_results("resumable")
+    for config_hash, finished in zip(after["config_hash"].to_pylist(), after["finished_at"].to_pylist(), strict=True):
+        if config_hash in done_before:
+            assert finished == done_before[config_hash], "a finished trial must not run again"
+    assert all(s.status == "done" for s in grid_status(store, "resumable"))
