@@ -11,7 +11,7 @@ import pyarrow.compute as pc
 from tokenscale.store import Store
 
 from .frontier import Candidate
-from .law import FORMS, FitError, Law, fit_law
+from .law import FORMS, FitError, Law, LawCI, bootstrap_law, fit_law, holdout_error
 
 
 def law_points(results: pa.Table) -> dict[tuple[str, str], tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -37,8 +37,18 @@ def candidates(results: pa.Table) -> list[Candidate]:
     return sorted({Candidate(**r) for r in rows}, key=lambda c: (c.llm_params, c.visual_tokens, c.compressor))
 
 
-def fit_grid(store: Store, grid: str) -> tuple[list[dict], list[str]]:
-    """Fit and write the grid's laws; returns (law rows, messages about laws not fitted)."""
+def fit_grid(
+    store: Store,
+    grid: str,
+    *,
+    loss: str = "squared",
+    resamples: int = 200,
+    level: float = 0.90,
+    seed: int = 0,
+) -> tuple[list[dict], list[str]]:
+    """Fit and write the grid's laws, one per (task_family, compressor, form), each with
+    percentile-bootstrap CIs (`resamples`, `level`, `seed`) and the leave-largest-LLM-out
+    holdout error; returns (law rows, messages about laws not fitted)."""
     results = store.read_results(grid)
     if results.num_rows == 0:
         raise FitError(f"grid {grid!r} has no results in {store.uri}: run it first")
@@ -47,18 +57,37 @@ def fit_grid(store: Store, grid: str) -> tuple[list[dict], list[str]]:
     for (family, compressor), (n, v, e) in sorted(law_points(results).items()):
         for form in FORMS:
             try:
-                law = fit_law(n, v, e, form)
+                law = fit_law(n, v, e, form, loss=loss)
             except FitError as err:
                 skipped.append(f"{family}/{compressor}/{form}: {err}")
                 continue
-            rows.append(law_row(grid, family, compressor, law, n, v, now))
+            ci = bootstrap_law(n, v, e, form, law=law, resamples=resamples, level=level, seed=seed, loss=loss)
+            holdout = holdout_error(n, v, e, form, loss=loss)
+            rows.append(law_row(grid, family, compressor, law, n, v, now, ci=ci, holdout=holdout))
     if rows:
         store.write_laws(grid, rows)
     return rows, skipped
 
 
-def law_row(grid: str, family: str, compressor: str, law: Law, n: np.ndarray, v: np.ndarray, fitted_at: datetime) -> dict:
+def law_row(
+    grid: str,
+    family: str,
+    compressor: str,
+    law: Law,
+    n: np.ndarray,
+    v: np.ndarray,
+    fitted_at: datetime,
+    *,
+    ci: LawCI | None = None,
+    holdout: float = float("nan"),
+) -> dict:
+    """One laws-parquet row. Keys beyond LAW_SCHEMA (D and alpha/beta CIs, the CI level,
+    the loss) ride along for JSON output; pyarrow drops them when the row is written."""
     nan = float("nan")
+    intervals = ci.to_dict() if ci is not None else {
+        "ci_level": nan, "alpha_lo": nan, "alpha_hi": nan, "beta_lo": nan, "beta_hi": nan,
+        "D_lo": nan, "D_hi": nan, "ratio_lo": nan, "ratio_hi": nan,
+    }
     return {
         "grid": grid,
         "task_family": family,
@@ -72,16 +101,22 @@ def law_row(grid: str, family: str, compressor: str, law: Law, n: np.ndarray, v:
         "sse": law.sse,
         "r2": law.r2,
         "n_points": law.n_points,
-        "alpha_lo": nan,
-        "alpha_hi": nan,
-        "beta_lo": nan,
-        "beta_hi": nan,
-        "holdout_error": nan,
+        "alpha_lo": intervals["alpha_lo"],
+        "alpha_hi": intervals["alpha_hi"],
+        "beta_lo": intervals["beta_lo"],
+        "beta_hi": intervals["beta_hi"],
+        "holdout_error": float(holdout),
         "min_llm_params": int(n.min()),
         "max_llm_params": int(n.max()),
         "min_visual_tokens": int(v.min()),
         "max_visual_tokens": int(v.max()),
         "fitted_at": fitted_at,
+        "D_lo": intervals["D_lo"],
+        "D_hi": intervals["D_hi"],
+        "ratio_lo": intervals["ratio_lo"],
+        "ratio_hi": intervals["ratio_hi"],
+        "ci_level": intervals["ci_level"],
+        "loss": law.loss,
     }
 
 
@@ -90,6 +125,6 @@ def laws_from_table(table: pa.Table) -> list[tuple[dict, Law]]:
     out = []
     for row in table.to_pylist():
         law = Law(row["form"], A=row["A"], alpha=row["alpha"], beta=row["beta"], D=row["D"], B=row["B"],
-                  sse=row["sse"], r2=row["r2"], n_points=row["n_points"])
+                  sse=row["sse"], r2=row["r2"], n_points=row["n_points"], loss=row.get("loss") or "squared")
         out.append((row, law))
     return out

@@ -154,7 +154,9 @@ TUNE_NAME = "tune"
 def save_grid(grid: Grid, store: Store) -> str:
     """The grid as run, beside its results: `resume` and `status` read it back."""
     key = store.join(grid.name, GRID_FILE)
-    store.put_bytes(key, yaml.safe_dump(grid_to_dict(grid), sort_keys=False).encode())
+    data = yaml.safe_dump(grid_to_dict(grid), sort_keys=False).encode()
+    if not store.exists(key) or store.get_bytes(key) != data:  # unchanged: no write
+        store.put_bytes(key, data)
     return key
 
 
@@ -166,6 +168,8 @@ def load_saved_grid(store: Store, name: str) -> Grid:
 
 
 def _tuner_args(grid: Grid, store: Store, ray_root: str, verbose: int) -> tuple[Any, Any]:
+    # Tune's newer console output ignores custom reporters; ours shows llm / V / compressor.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     trainable = tune.with_resources(run_trial, {"CPU": 0.01})  # the trial only waits on its trainer
     run_config = tune.RunConfig(
         name=TUNE_NAME,

@@ -84,3 +84,68 @@ def tiny_grid(name: str = "tiny", llms: int = 3, visual_tokens=(1, 16), **overri
 def _quiet_env(monkeypatch):
     monkeypatch.setenv("RAY_TRAIN_V2_ENABLED", os.environ.get("RAY_TRAIN_V2_ENABLED", "1"))
     monkeypatch.setenv("TQDM_DISABLE", "1")
+
+
+class TcpProxy:
+    """A loopback TCP forwarder in front of an HTTP server. `refuse_writes = True` makes it
+    drop every connection that sends a PUT (the endpoint fails mid-write, the server behind
+    it keeps its data and never sees the request); stopping it makes the endpoint unreachable."""
+
+    def __init__(self, target_port: int, port: int | None = None):
+        self.target_port = target_port
+        self.port = port or free_port()
+        self.refuse_writes = False
+        self.refused = 0
+        self._server: socket.socket | None = None
+        self._conns: list[socket.socket] = []
+
+    def start(self) -> None:
+        import threading
+
+        server = socket.socket()
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", self.port))
+        server.listen(64)
+        self._server = server
+        threading.Thread(target=self._accept, args=(server,), daemon=True).start()
+
+    def _accept(self, server: socket.socket) -> None:
+        import threading
+
+        while True:
+            try:
+                client, _ = server.accept()
+            except OSError:
+                return  # stopped
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            self._conns += [client, upstream]
+            for a, b, requests in ((client, upstream, True), (upstream, client, False)):
+                threading.Thread(target=self._pipe, args=(a, b, requests), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, requests: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if requests and self.refuse_writes and data.startswith(b"PUT "):
+                    self.refused += 1
+                    break  # drop the connection before the server sees the write
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                try:
+                    sock.close()
+                except OSError:
+                    pass
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for conn in self._conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+                conn.close()
+            except OSError:
+                pass
+        self._conns = []

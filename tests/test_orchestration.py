@@ -115,3 +115,50 @@ def test_driver_killed_then_resume_runs_only_missing_trials(tmp_path):
         if config_hash in done_before:
             assert finished == done_before[config_hash], "a finished trial must not run again"
     assert all(s.status == "done" for s in grid_status(store, "resumable"))
+
+
+def test_store_down_during_write_errors_cleanly_then_resume_completes(s3_endpoint, tmp_path, monkeypatch):
+    """The S3 endpoint fails every write: the trial's result write fails after bounded
+    retries, the trial ends errored with a clear message and leaves nothing in the bucket;
+    `resume` once the endpoint is healthy completes it."""
+    import boto3
+    from conftest import TcpProxy
+
+    moto_port = int(s3_endpoint.rsplit(":", 1)[1])
+    proxy = TcpProxy(moto_port)
+    proxy.start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
+    grid = parse_grid(tiny_grid(
+        "storedown", llms=1, visual_tokens=(4,), max_failures=0,
+        train={"zero_stage": 1, "micro_batch": 8, "stage1_steps": 2, "stage2_steps": 300},
+    ))
+    store = Store.open("s3://tokenscale/flaky")
+    ray_dir = str(tmp_path / "ray")
+
+    init_ray()
+    try:
+        # the grid's own objects (grid.yaml) go through; then every PUT is cut mid-request
+        from tokenscale.orchestrator.driver import save_grid
+
+        save_grid(grid, store)
+        proxy.refuse_writes = True
+        summary = run_grid(grid, store, verbose=0, ray_storage_uri=ray_dir)
+        assert summary.errored == 1, summary
+        assert proxy.refused >= 2, "the write was retried"
+        listing = boto3.client("s3", endpoint_url=s3_endpoint).list_objects_v2(Bucket="tokenscale", Prefix="flaky/storedown/results/")
+        assert listing.get("KeyCount", 0) == 0, "nothing partial may reach the bucket"
+
+        proxy.refuse_writes = False  # the endpoint is healthy again
+        status = grid_status(store, "storedown", ray_storage_uri=ray_dir)
+        assert [s.status for s in status] == ["errored"]
+        assert "could not write" in status[0].error and "attempts" in status[0].error
+
+        from tokenscale.orchestrator.driver import resume_grid
+
+        resumed = resume_grid(store, "storedown", verbose=0, ray_storage_uri=ray_dir)
+        assert resumed.errored == 0 and resumed.finished == 1, resumed
+        _, rows = query(store, "select count(*), count(distinct config_hash) from results")
+        assert rows == [(2, 1)]
+    finally:
+        ray.shutdown()
+        proxy.stop()

@@ -156,6 +156,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
                 f"beta={r['beta']:.3f} D={r['D']:.3f} r2={r['r2']:.3f} (n={r['n_points']})"
             )
         print(f"laws written to {store.laws_key(args.grid)}")
+    if rows:
+        from tokenscale.fitting.plots import write_plots
+
+        for key in write_plots(store, args.grid):
+            if not args.json:
+                print(f"plot written to {key}")
     return 0
 
 
@@ -203,9 +209,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print("[2/4] fitting scaling laws", flush=True)
     rows, skipped = fit_grid(store, grid.name)
     for r in rows:
-        print(f"  {r['task_family']:>10} {r['compressor']:>16} {r['form']:>8}: alpha={r['alpha']:.3f} beta={r['beta']:.3f} D={r['D']:.3f} r2={r['r2']:.3f}")
+        print(
+            f"  {r['task_family']:>10} {r['compressor']:>16} {r['form']:>8}: alpha={r['alpha']:.3f} "
+            f"[{r['alpha_lo']:.3f}, {r['alpha_hi']:.3f}] beta={r['beta']:.3f} [{r['beta_lo']:.3f}, {r['beta_hi']:.3f}] "
+            f"D={r['D']:.3f} r2={r['r2']:.3f} holdout={r['holdout_error']:.3f}"
+        )
+        if r["form"] == "product":
+            verdict = "LLM size matters more (alpha > beta)" if r["alpha"] > r["beta"] else "tokens matter more (beta >= alpha)"
+            v_star = "the smallest budget" if r["alpha"] > r["beta"] else "the largest budget"
+            print(f"  {'':>10} {'':>16} {'':>8}  -> {verdict}; cached-query optimum V* = {v_star}")
     for line in skipped:
         print(f"  not fitted: {line}")
+    if rows:
+        from tokenscale.fitting.plots import write_plots
+
+        for key in write_plots(store, grid.name):
+            print(f"  plot: {key}")
 
     print("[3/4] serving the laws with Ray Serve", flush=True)
     init_ray()

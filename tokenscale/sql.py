@@ -69,11 +69,12 @@ def connect(store: Store) -> duckdb.DuckDBPyConnection:
     if store.is_s3:
         _load_httpfs(con)
         _s3_secret(con)
+    keys = store.list(store.uri, ".parquet")  # one listing for both views
     for view, glob, schema, marker in (
         ("results", store.results_glob(), RESULT_SCHEMA, "/results/"),
         ("laws", store.laws_glob(), LAW_SCHEMA, "/laws/"),
     ):
-        if any(marker in key for key in store.list(store.uri, ".parquet")):
+        if any(marker in key for key in keys):
             # Columns live in the files; hive_partitioning off so the path's grid= and
             # compressor= segments never shadow them.
             con.execute(

@@ -77,6 +77,12 @@ LAW_SCHEMA = pa.schema(
         ("beta_lo", pa.float64()),
         ("beta_hi", pa.float64()),
         ("holdout_error", pa.float64()),
+        ("D_lo", pa.float64()),
+        ("D_hi", pa.float64()),
+        ("ratio_lo", pa.float64()),  # CI of alpha / beta, the paper's headline ratio
+        ("ratio_hi", pa.float64()),
+        ("ci_level", pa.float64()),
+        ("loss", pa.string()),
         ("min_llm_params", pa.int64()),
         ("max_llm_params", pa.int64()),
         ("min_visual_tokens", pa.int64()),
@@ -84,6 +90,17 @@ LAW_SCHEMA = pa.schema(
         ("fitted_at", pa.timestamp("us", tz="UTC")),
     ]
 )
+
+S3_ATTEMPTS = 4  # per request, with boto3's standard backoff
+
+
+class StoreError(OSError):
+    """The store could not be reached or answered an error; the message names the object."""
+
+
+class StoreWriteError(StoreError):
+    """An object could not be written; nothing partial is left behind."""
+
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
@@ -115,6 +132,16 @@ def resolve_store(uri: str | None) -> str:
 def s3_endpoint() -> str | None:
     """The S3 endpoint from the usual AWS environment (None = AWS itself)."""
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """`table` in `schema`'s columns and types: columns an older writer did not have come
+    back as nulls, so stores written before a column was added stay readable."""
+    columns = [
+        table[f.name].cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+        for f in schema
+    ]
+    return pa.Table.from_arrays(columns, schema=schema)
 
 
 @dataclass(frozen=True)
@@ -153,10 +180,15 @@ class Store:
     # ---- I/O --------------------------------------------------------------------------
     def _s3(self):
         import boto3
+        from botocore.config import Config
 
         # Credentials come from the AWS chain (env, profile, instance role); the endpoint
-        # from AWS_ENDPOINT_URL when set (boto3 reads it itself).
-        return boto3.client("s3", endpoint_url=s3_endpoint())
+        # from AWS_ENDPOINT_URL when set. Retries are bounded: a store that stays down
+        # fails the write (and the trial) within seconds instead of hanging it.
+        config = Config(
+            retries={"max_attempts": S3_ATTEMPTS, "mode": "standard"}, connect_timeout=3, read_timeout=30
+        )
+        return boto3.client("s3", endpoint_url=s3_endpoint(), config=config)
 
     @staticmethod
     def _split(key: str) -> tuple[str, str]:
@@ -164,10 +196,19 @@ class Store:
         return parsed.netloc, parsed.path.lstrip("/")
 
     def put_bytes(self, key: str, data: bytes) -> None:
-        """Write one whole object: a single PUT on S3, write-then-rename locally."""
+        """Write one whole object: a single PUT on S3 (all or nothing), write-then-rename
+        locally. Raises StoreWriteError when the store cannot be reached."""
         if self.is_s3:
+            from botocore.exceptions import BotoCoreError, ClientError
+
             bucket, path = self._split(key)
-            self._s3().put_object(Bucket=bucket, Key=path, Body=data)
+            try:
+                self._s3().put_object(Bucket=bucket, Key=path, Body=data)
+            except (BotoCoreError, ClientError) as err:
+                raise StoreWriteError(
+                    f"could not write {key} after {S3_ATTEMPTS} attempts ({err}); nothing was "
+                    "written; once the store is reachable, `tokenscale resume` redoes it"
+                ) from None
             return
         path = Path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -183,7 +224,7 @@ class Store:
 
     def exists(self, key: str) -> bool:
         if self.is_s3:
-            from botocore.exceptions import ClientError
+            from botocore.exceptions import BotoCoreError, ClientError
 
             bucket, path = self._split(key)
             try:
@@ -192,7 +233,9 @@ class Store:
             except ClientError as err:
                 if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                     return False
-                raise
+                raise StoreError(f"could not check {key}: {err}") from None
+            except BotoCoreError as err:
+                raise StoreError(f"could not reach the store for {key} after {S3_ATTEMPTS} attempts: {err}") from None
         return Path(key).exists()
 
     def list(self, prefix: str, suffix: str = "") -> list[str]:
@@ -241,7 +284,7 @@ class Store:
 
     def read_results(self, grid: str) -> pa.Table:
         keys = self.list(self.join(grid, "results"), ".parquet")
-        tables = [self.read_table(k).cast(RESULT_SCHEMA) for k in keys]
+        tables = [conform(self.read_table(k), RESULT_SCHEMA) for k in keys]
         return pa.concat_tables(tables) if tables else RESULT_SCHEMA.empty_table()
 
     def write_laws(self, grid: str, rows: list[dict]) -> str:
@@ -251,5 +294,5 @@ class Store:
 
     def read_laws(self, grid: str | None = None) -> pa.Table:
         grids = [grid] if grid else self.grids()
-        tables = [self.read_table(self.laws_key(g)).cast(LAW_SCHEMA) for g in grids if self.exists(self.laws_key(g))]
+        tables = [conform(self.read_table(self.laws_key(g)), LAW_SCHEMA) for g in grids if self.exists(self.laws_key(g))]
         return pa.concat_tables(tables) if tables else LAW_SCHEMA.empty_table()
