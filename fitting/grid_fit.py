@@ -17,9 +17,11 @@ from .law import FORMS, FitError, Law, LawCI, bootstrap_law, fit_law, holdout_er
 def law_points(results: pa.Table) -> dict[tuple[str, str], tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """(task_family, compressor) -> (N, V, E): error averaged over a family's benchmarks
     and over seeds, one point per (LLM, V), as the paper does."""
-    grouped = results.group_by(["task_family", "compressor", "llm_params", "visual_tokens"]).aggregate(
+    # single-threaded and sorted: the points' order (and so the seeded bootstrap) is stable
+    grouped = results.group_by(["task_family", "compressor", "llm_params", "visual_tokens"], use_threads=False).aggregate(
         [("error", "mean")]
     )
+    grouped = grouped.sort_by([("llm_params", "ascending"), ("visual_tokens", "ascending")])
     points: dict[tuple[str, str], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     for key in {(f, c) for f, c in zip(grouped["task_family"].to_pylist(), grouped["compressor"].to_pylist(), strict=True)}:
         mask = pc.and_(pc.equal(grouped["task_family"], key[0]), pc.equal(grouped["compressor"], key[1]))

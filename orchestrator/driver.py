@@ -21,7 +21,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from tokenscale.store import Store
 from tokenscale.workers.trial import TrialConfig
 
-from .grid import Grid, GridError, estimate_llm_params, grid_to_dict, parse_grid
+from .grid import Grid, GridError, grid_to_dict, parse_grid
 
 
 def ray_storage(path: str) -> tuple[str, Any]:
@@ -88,7 +88,7 @@ def run_trial(config: dict[str, Any]) -> None:
             "threads_per_worker": max(1, int(resources["cpus_per_worker"])),
             "trial_started": time.time(),  # for the overhead breakdown in the metrics
         },
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        torch_config=TorchConfig(backend=resources["backend"]),
         scaling_config=train.ScalingConfig(
             num_workers=resources["workers"],
             use_gpu=use_gpu,
@@ -203,7 +203,7 @@ def run_grid(grid: Grid, store: Store, verbose: int = 1, ray_storage_uri: str | 
                     {
                         "trial": t.to_dict(),
                         "config_hash": t.config_hash,
-                        "resources": grid.resources.for_params(estimate_llm_params(t.llm)),
+                        "resources": grid.resources.for_llm(t.llm),
                     }
                     for t in pending
                 ]),

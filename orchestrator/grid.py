@@ -28,9 +28,11 @@ class GridError(ValueError):
 
 @dataclass(frozen=True)
 class Band:
-    """Resources for LLMs of at most `max_params` non-embedding parameters."""
+    """Resources for LLMs of at most `max_params` non-embedding parameters, or for the LLMs
+    named in `llms` (for checkpoints that cannot be sized before they load, e.g. on S3)."""
 
-    max_params: float
+    max_params: float = float("inf")
+    llms: tuple[str, ...] = ()
     workers: int = 1
     cpus_per_worker: float = 1
     gpus_per_worker: float = 0
@@ -50,6 +52,7 @@ class Resources:
     cpus_per_worker: float = 1
     gpus_per_worker: float = 0
     placement_strategy: str = "PACK"  # of one trial's workers: PACK, SPREAD, STRICT_PACK, STRICT_SPREAD
+    backend: str = "auto"  # torch.distributed backend: auto = nccl when GPUs are asked for, else gloo
     # Size bands, smallest first: an LLM takes the first band whose max_params >= its size;
     # larger LLMs than every band (or of unknown size) take the defaults above.
     bands: tuple[Band, ...] = ()
@@ -57,13 +60,17 @@ class Resources:
     # per-worker request that no node can satisfy, before anything starts.
     node_types: tuple[NodeType, ...] = ()
 
-    def for_params(self, params: float | None) -> dict[str, Any]:
+    def for_llm(self, llm: LLMSpec) -> dict[str, Any]:
+        params = estimate_llm_params(llm)
         for band in self.bands:
-            if params is not None and params <= band.max_params:
-                return {"workers": band.workers, "cpus_per_worker": band.cpus_per_worker,
-                        "gpus_per_worker": band.gpus_per_worker, "placement_strategy": self.placement_strategy}
-        return {"workers": self.workers, "cpus_per_worker": self.cpus_per_worker,
-                "gpus_per_worker": self.gpus_per_worker, "placement_strategy": self.placement_strategy}
+            if llm.name in band.llms or (not band.llms and params is not None and params <= band.max_params):
+                return self._shape(band.workers, band.cpus_per_worker, band.gpus_per_worker)
+        return self._shape(self.workers, self.cpus_per_worker, self.gpus_per_worker)
+
+    def _shape(self, workers: int, cpus: float, gpus: float) -> dict[str, Any]:
+        backend = self.backend if self.backend != "auto" else ("nccl" if gpus > 0 else "gloo")
+        return {"workers": workers, "cpus_per_worker": cpus, "gpus_per_worker": gpus,
+                "placement_strategy": self.placement_strategy, "backend": backend}
 
 
 def estimate_llm_params(llm: LLMSpec) -> float | None:
@@ -245,6 +252,10 @@ def _check(grid: Grid) -> None:
         )
     elif vision.hidden_size % vision.heads:
         raise GridError(f"vision.heads: {vision.heads} must divide vision.hidden_size ({vision.hidden_size})")
+    for i, band in enumerate(grid.resources.bands):
+        for name in band.llms:
+            if name not in names:
+                raise GridError(f"resources.bands[{i}].llms: {name!r} is not an LLM of this grid ({', '.join(names)})")
     for i, comp in enumerate(grid.compressors):
         if comp.name not in compressors.names():
             raise GridError(f"compressors[{i}]: unknown compressor {comp.name!r}; choose from {', '.join(compressors.names())}")
@@ -300,12 +311,14 @@ def _check_resources(grid: Grid) -> None:
     res = grid.resources
     if res.placement_strategy not in _STRATEGIES:
         raise GridError(f"resources.placement_strategy: {res.placement_strategy!r}; choose one of {', '.join(_STRATEGIES)}")
+    if res.backend not in ("auto", "gloo", "nccl"):
+        raise GridError(f"resources.backend: {res.backend!r}; choose auto, gloo or nccl")
     shapes = [("resources", res.workers, res.cpus_per_worker, res.gpus_per_worker)]
     shapes += [(f"resources.bands[{i}]", b.workers, b.cpus_per_worker, b.gpus_per_worker) for i, b in enumerate(res.bands)]
     for where, workers, cpus, gpus in shapes:
         if workers < 1 or cpus <= 0 or gpus < 0:
             raise GridError(f"{where}: workers >= 1, cpus_per_worker > 0 and gpus_per_worker >= 0 are required")
-    limits = [b.max_params for b in res.bands]
+    limits = [b.max_params for b in res.bands if not b.llms]
     if limits != sorted(limits) or len(set(limits)) != len(limits):
         raise GridError(f"resources.bands: max_params must increase strictly from band to band, got {limits}")
     nodes = list(res.node_types)

@@ -34,10 +34,12 @@ def test_resources_by_size_band():
         "node_types": [{"cpus": 8, "gpus": 0}],
     })
     grid = parse_grid(raw)
-    by_llm = {t.llm.name: grid.resources.for_params(estimate_llm_params(t.llm))["workers"] for t in grid.trials()}
+    by_llm = {t.llm.name: grid.resources.for_llm(t.llm)["workers"] for t in grid.trials()}
     sizes = {llm.name: estimate_llm_params(llm) for llm in grid.llms}
     assert sizes["xs"] <= 5000 < sizes["s"] <= 20000 < sizes["m"]
     assert by_llm == {"xs": 1, "s": 2, "m": 4}
+    raw["resources"]["bands"].insert(0, {"llms": ["m"], "workers": 3})
+    assert parse_grid(raw).resources.for_llm(grid.llms[2])["workers"] == 3
 
 
 def test_config_hash_is_stable_and_sensitive():

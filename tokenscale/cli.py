@@ -174,7 +174,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     store = _store(args)
     init_ray()
-    url = start(store.uri, args.grid, args.host, args.port, args.reload_seconds)
+    url = start(store.uri, args.grid, args.host, args.port, args.reload_seconds,
+                num_replicas=args.replicas, num_cpus=args.num_cpus)
     print(f"serving {store.uri} at {url} (OpenAPI at {url}/docs); Ctrl-C to stop", flush=True)
     try:
         while True:
@@ -292,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--reload-seconds", type=float, default=5.0, help="how often to look for new laws")
+    p.add_argument("--replicas", type=int, default=1, help="Serve replicas (each loads the store and polls it)")
+    p.add_argument("--num-cpus", type=float, default=0.1, help="CPUs reserved per replica")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="run the demo grid, fit, serve, ask /optimal once")

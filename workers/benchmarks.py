@@ -8,16 +8,24 @@ Two task families, as in the paper:
 
 Every example is (image [3, S, S] float32 in [0, 1], question token ids, answer token
 ids). Within a benchmark all questions have the same length and all answers too, so a
-batch needs no padding. Generation is deterministic in (benchmark, split, seed).
+batch needs no padding. Generation is deterministic in (benchmark, split, seed); pixels are
+quantized to 8 bits, so a split is stored exactly as uint8 in a cache file
+(`$TOKENSCALE_CACHE`, default ~/.cache/tokenscale/benchmarks; `off` disables it), keyed by
+(benchmark, split, n, seed, image size, GENERATOR_VERSION) and written atomically.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+
+# Bump whenever rendering, questions or answers change: old cache files are then ignored.
+GENERATOR_VERSION = 4
 
 COLORS = {
     "red": (0.9, 0.1, 0.1),
@@ -44,10 +52,16 @@ _FONT = {
     "X": "101101010101101",
 }
 
+# Dense scene labels drawn with each image, per pixel: ink (one of INK, +1), shape (+1),
+# glyph (+1); 0 = background. The stand-in for CLIP's pretraining signal: what is where.
+LABEL_KINDS = ("ink", "shape", "glyph")
+INK = (*COLORS, "dark", "light")
+GLYPHS = "0123456789" + LETTERS
+
 SPECIAL = ("<pad>", "<eos>")
 WORDS = (
     "what", "color", "is", "the", "shape", "it", "how", "many", "shapes", "are", "there",
-    "left", "of", "digit", "letter", "yes", "no", "?",
+    "left", "right", "which", "side", "on", "of", "digit", "letter", "yes", "no", "?",
 )
 VOCAB: tuple[str, ...] = tuple(
     dict.fromkeys(
@@ -68,7 +82,7 @@ class Benchmark:
     name: str
     task_family: str
     chance: float  # expected score of uniform guessing among the valid answers
-    make: Callable[[np.random.Generator, int], tuple[np.ndarray, str, str]]
+    make: Callable[[np.random.Generator, int], tuple[np.ndarray, np.ndarray, str, str]]
 
 
 @dataclass
@@ -79,6 +93,9 @@ class Split:
     images: np.ndarray  # [n, 3, S, S] float32
     questions: np.ndarray  # [n, Q] int64
     answers: np.ndarray  # [n, G] int64 (last token is <eos>)
+    # [n, len(LABEL_KINDS), S, S] uint8: what is drawn at each pixel (0 = background). Only
+    # the vision tower's pretraining reads it (dense scene labels, never the question/answer).
+    labels: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.images)
@@ -87,9 +104,11 @@ class Split:
 # ---- rendering --------------------------------------------------------------------------
 
 
-def _canvas(rng: np.random.Generator, size: int) -> np.ndarray:
+def _canvas(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """A noisy grey image and its empty label map (see `LABEL_KINDS`)."""
     base = rng.uniform(0.35, 0.55)
-    return np.clip(base + rng.normal(0, 0.04, (3, size, size)), 0, 1).astype(np.float32)
+    image = np.clip(base + rng.normal(0, 0.04, (3, size, size)), 0, 1).astype(np.float32)
+    return image, np.zeros((len(LABEL_KINDS), size, size), dtype=np.uint8)
 
 
 def _shape_mask(kind: str, size: int, cy: int, cx: int, radius: int) -> np.ndarray:
@@ -107,81 +126,104 @@ def _shape_mask(kind: str, size: int, cy: int, cx: int, radius: int) -> np.ndarr
     raise ValueError(kind)
 
 
-def _paint(image: np.ndarray, mask: np.ndarray, color: tuple[float, float, float]) -> None:
-    for channel, value in enumerate(color):
+def _paint(image: np.ndarray, labels: np.ndarray, mask: np.ndarray, color: str, shape: str) -> None:
+    for channel, value in enumerate(COLORS[color]):
         image[channel][mask] = value
+    labels[0][mask] = INK.index(color) + 1
+    labels[1][mask] = SHAPES.index(shape) + 1
 
 
-def _draw_text(image: np.ndarray, text: str, top: int, left: int, scale: int, ink: float) -> None:
+def _draw_text(image: np.ndarray, labels: np.ndarray, text: str, top: int, left: int, scale: int, ink: float) -> None:
     for i, char in enumerate(text):
         bits = np.array([int(b) for b in _FONT[char]], dtype=bool).reshape(5, 3)
         glyph = np.kron(bits, np.ones((scale, scale), dtype=bool))
         y, x = top, left + i * (3 * scale + 1)
         region = image[:, y : y + glyph.shape[0], x : x + glyph.shape[1]]
         region[:, glyph] = ink
+        labels[0, y : y + glyph.shape[0], x : x + glyph.shape[1]][glyph] = INK.index("dark" if ink < 0.5 else "light") + 1
+        labels[2, y : y + glyph.shape[0], x : x + glyph.shape[1]][glyph] = GLYPHS.index(char) + 1
 
 
 # ---- the benchmarks ---------------------------------------------------------------------
 
 
 def _color(rng: np.random.Generator, size: int):
-    image = _canvas(rng, size)
-    color = rng.choice(list(COLORS))
-    shape = rng.choice(SHAPES)
+    image, labels = _canvas(rng, size)
+    color = str(rng.choice(list(COLORS)))
+    shape = str(rng.choice(SHAPES))
     radius = int(rng.integers(size // 8, size // 4))
     cy, cx = rng.integers(radius + 1, size - radius - 1, 2)
-    _paint(image, _shape_mask(shape, size, cy, cx, radius), COLORS[color])
-    return image, "what color is the shape ?", color
+    _paint(image, labels, _shape_mask(shape, size, cy, cx, radius), color, shape)
+    return image, labels, "what color is the shape ?", color
 
 
 def _shape(rng: np.random.Generator, size: int):
-    image = _canvas(rng, size)
-    color = rng.choice(list(COLORS))
-    shape = rng.choice(SHAPES)
+    image, labels = _canvas(rng, size)
+    color = str(rng.choice(list(COLORS)))
+    shape = str(rng.choice(SHAPES))
     radius = int(rng.integers(size // 6, size // 4 + 1))
     cy, cx = rng.integers(radius + 1, size - radius - 1, 2)
-    _paint(image, _shape_mask(shape, size, cy, cx, radius), COLORS[color])
-    return image, "what shape is it ?", shape
+    _paint(image, labels, _shape_mask(shape, size, cy, cx, radius), color, shape)
+    return image, labels, "what shape is it ?", shape
 
 
 def _count(rng: np.random.Generator, size: int):
-    image = _canvas(rng, size)
+    image, labels = _canvas(rng, size)
     count = int(rng.integers(1, len(NUMBER_WORDS) + 1))
-    color = COLORS[rng.choice(list(COLORS))]
+    color = str(rng.choice(list(COLORS)))
     cell = size // 2  # one shape per quadrant, so shapes never touch
     for quadrant in rng.permutation(4)[:count]:
         oy, ox = (quadrant // 2) * cell, (quadrant % 2) * cell
         radius = max(2, cell // 5)
         cy, cx = rng.integers(radius + 1, cell - radius - 1, 2)
-        _paint(image, _shape_mask("square", size, oy + cy, ox + cx, radius), color)
-    return image, "how many shapes are there ?", NUMBER_WORDS[count - 1]
+        _paint(image, labels, _shape_mask("square", size, oy + cy, ox + cx, radius), color, "square")
+    return image, labels, "how many shapes are there ?", NUMBER_WORDS[count - 1]
 
 
 def _spatial(rng: np.random.Generator, size: int):
-    image = _canvas(rng, size)
-    first, second = rng.choice(list(COLORS), 2, replace=False)
-    radius = max(2, size // 10)
-    xs = rng.choice(np.arange(radius + 1, size - radius - 1), 2, replace=False)
-    for color, x in zip((first, second), xs, strict=True):
-        y = int(rng.integers(radius + 1, size - radius - 1))
-        _paint(image, _shape_mask("circle", size, y, int(x), radius), COLORS[color])
-    answer = "yes" if xs[0] < xs[1] else "no"
-    return image, f"is the {first} shape left of the {second} shape ?", answer
+    """One shape, wholly in the left or the right half: which side is it on?"""
+    image, labels = _canvas(rng, size)
+    color = str(rng.choice(list(COLORS)))
+    shape = str(rng.choice(SHAPES))
+    radius = int(rng.integers(max(2, size // 10), max(3, size // 6) + 1))
+    side = "left" if rng.random() < 0.5 else "right"
+    cx = int(rng.integers(radius + 1, size // 2 - radius))  # never touches the midline
+    if side == "right":
+        cx = size - 1 - cx
+    cy = int(rng.integers(radius + 1, size - radius - 1))
+    _paint(image, labels, _shape_mask(shape, size, cy, cx, radius), color, shape)
+    return image, labels, "which side is the shape on ?", side
+
+
+def form_layout(size: int, length: int) -> tuple[int, int, int, int]:
+    """The fixed text field of the OCR benchmarks, like a box on a form: `length` cells in a
+    row across the image, vertically centred. Returns (cell width, cell height, top, scale):
+    the k-th character always lives in the same columns of the image."""
+    cell_w = size // length
+    scale = max(1, (cell_w - 2) // 3)
+    while scale > 1 and 5 * scale + 2 > size:
+        scale -= 1
+    cell_h = 5 * scale + 2
+    return cell_w, cell_h, (size - cell_h) // 2, scale
 
 
 def _reading(alphabet: str, length: int, word: str):
+    """Read the k-th character of a `length`-character field at a fixed place (a form field):
+    each glyph is drawn in its own cell, jittered by up to 1 px, in dark or light ink."""
+
     def make(rng: np.random.Generator, size: int):
-        image = _canvas(rng, size)
+        image, labels = _canvas(rng, size)
         text = "".join(rng.choice(list(alphabet), length))
-        scale = 1 if size < 24 else (size - 2) // (4 * length)
-        scale = max(1, min(scale, (size - 2) // 5))
-        width = length * (3 * scale + 1) - 1
-        top = int(rng.integers(0, size - 5 * scale + 1))
-        left = int(rng.integers(0, max(1, size - width + 1)))
+        cell_w, cell_h, top, scale = form_layout(size, length)
+        left0 = (size - cell_w * length) // 2
         ink = 0.02 if rng.random() < 0.5 else 0.98
-        _draw_text(image, text, top, left, scale, ink)
+        for i, char in enumerate(text):
+            slack_x, slack_y = cell_w - 3 * scale, cell_h - 5 * scale
+            dx = int(rng.integers(0, slack_x + 1)) if slack_x > 0 else 0
+            dy = int(rng.integers(0, slack_y + 1)) if slack_y > 0 else 0
+            _draw_text(image, labels, char, top + dy, left0 + i * cell_w + dx, scale, ink)
         position = int(rng.integers(length))
-        return image, f"what is the {ORDINALS[position]} {word} ?", text[position].lower()
+        return image, labels, f"what is the {ORDINALS[position]} {word} ?", text[position].lower()
 
     return make
 
@@ -193,23 +235,75 @@ BENCHMARKS: dict[str, Benchmark] = {
         Benchmark("shape", "reasoning", 1 / len(SHAPES), _shape),
         Benchmark("count", "reasoning", 1 / len(NUMBER_WORDS), _count),
         Benchmark("spatial", "reasoning", 1 / 2, _spatial),
-        Benchmark("digits", "ocr", 1 / 10, _reading("0123456789", 4, "digit")),
+        Benchmark("digits", "ocr", 1 / 10, _reading("0123456789", 3, "digit")),
         Benchmark("letters", "ocr", 1 / len(LETTERS), _reading(LETTERS, 3, "letter")),
     )
 }
 
 
-def generate(name: str, split: str, n: int, seed: int, image_size: int) -> Split:
+def cache_dir() -> str | None:
+    """Where generated splits are cached; None when caching is off."""
+    path = os.environ.get("TOKENSCALE_CACHE", "")
+    if path.lower() in ("off", "0", "none", "false"):
+        return None
+    return path or os.path.join(os.path.expanduser("~"), ".cache", "tokenscale", "benchmarks")
+
+
+def _cache_path(name: str, split: str, n: int, seed: int, image_size: int) -> str | None:
+    root = cache_dir()
+    if root is None:
+        return None
+    return os.path.join(root, f"{name}-{split}-n{n}-seed{seed}-img{image_size}-v{GENERATOR_VERSION}.npz")
+
+
+def _load_cached(path: str, bench: Benchmark) -> Split | None:
+    try:
+        with np.load(path) as data:
+            images = data["images"].astype(np.float32) / 255.0
+            return Split(
+                bench, images, data["questions"].astype(np.int64), data["answers"].astype(np.int64), data["labels"]
+            )
+    except (OSError, KeyError, ValueError):
+        return None  # missing or unreadable (e.g. a partial file from another writer): regenerate
+
+
+def _store_cached(path: str, **arrays: np.ndarray) -> None:
+    """Write to a temp file in the same folder, then rename: readers never see a partial file."""
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp.npz")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **arrays)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    except OSError:
+        pass  # a read-only or full disk only costs regeneration next time
+
+
+def generate(name: str, split: str, n: int, seed: int, image_size: int, cache: bool = True) -> Split:
     """`n` examples of benchmark `name`; train and eval use disjoint random streams."""
     if name not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {name!r}: choose from {', '.join(BENCHMARKS)}")
     bench = BENCHMARKS[name]
+    path = _cache_path(name, split, n, seed, image_size) if cache else None
+    if path is not None:
+        cached = _load_cached(path, bench)
+        if cached is not None:
+            return cached
     stream = zlib.crc32(f"{name}/{split}".encode())
     rng = np.random.default_rng([seed, stream])
-    images, questions, answers = [], [], []
+    images, labels, questions, answers = [], [], [], []
     for _ in range(n):
-        image, question, answer = bench.make(rng, image_size)
+        image, label, question, answer = bench.make(rng, image_size)
         images.append(image)
+        labels.append(label)
         questions.append(encode(question))
         answers.append(encode(answer) + [EOS])
-    return Split(bench, np.stack(images), np.array(questions, dtype=np.int64), np.array(answers, dtype=np.int64))
+    pixels = np.rint(np.stack(images) * 255).astype(np.uint8)
+    q, a, lab = np.array(questions, dtype=np.int64), np.array(answers, dtype=np.int64), np.stack(labels)
+    if path is not None:
+        _store_cached(path, images=pixels, questions=q, answers=a, labels=lab)
+    return Split(bench, pixels.astype(np.float32) / 255.0, q, a, lab)

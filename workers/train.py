@@ -22,7 +22,6 @@ from .benchmarks import TOKEN_ID, Split, generate
 from .model import VLM
 from .trial import TrialConfig
 
-
 PAD = TOKEN_ID["<pad>"]
 
 

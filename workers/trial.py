@@ -23,6 +23,9 @@ class LLMSpec:
     heads: int = 4
     kv_heads: int = 2
     intermediate_size: int = 128
+    # Untied: with tied embeddings a 1-layer LM's last question token starts out predicting
+    # itself and tiny models got stuck answering the prior; untied they learn in seconds.
+    tie_embeddings: bool = False
     path: str | None = None  # HF from_pretrained directory (local or s3://): the cluster path
 
 
@@ -35,6 +38,14 @@ class VisionSpec:
     hidden_size: int = 48
     layers: int = 2
     heads: int = 4
+    stem_channels: int = 0  # > 0: a 3x3 conv stem of this width before the patchify conv
+    mlp_ratio: int = 2
+    token_norm: str = "batch"  # "batch": BatchNorm over the visual tokens' features; "none"
+    # Tiny tower pretraining on dense scene labels (once per spec, cached; 0 = random init)
+    pretrain_steps: int = 0
+    pretrain_batch: int = 64
+    pretrain_lr: float = 3e-3
+    pretrain_examples: int = 2000  # per benchmark, from the "pretrain" split
     path: str | None = None
 
     @property
@@ -51,6 +62,7 @@ class TrainSpec:
     stage1_lr: float = 2e-3
     stage2_lr: float = 1e-3
     weight_decay: float = 0.0
+    warmup_fraction: float = 0.1  # of each stage's steps; then cosine decay to 0
     bf16: str = "auto"  # auto = on where the device supports it (GPU with bf16), else off
 
 

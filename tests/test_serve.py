@@ -1,0 +1,383 @@
+"""The Serve API for real: a Ray Serve app started here, over HTTP, on a store written here.
+
+Covers every endpoint, the bad inputs the issue lists (each a 4xx with a JSON message), a
+schemathesis fuzz run against /openapi.json with zero 5xx, and hot reload of a refit.
+The Advisor is also checked against `fitting.frontier.choose`/`frontier` without Ray.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from datetime import datetime, timezone
+
+import numpy as np
+import pytest
+import requests
+from conftest import free_port
+
+from tokenscale.fitting.frontier import choose, frontier
+from tokenscale.fitting.grid_fit import fit_grid
+from tokenscale.serve.advisor import Advisor, BadRequest, laws_fingerprint, load_snapshot
+from tokenscale.store import LAW_SCHEMA, RESULT_SCHEMA, Store
+
+GRID = "syn"
+LLMS = {"xs": 1_000_000, "s": 4_000_000, "m": 16_000_000, "l": 64_000_000}
+TOKENS = (1, 4, 16, 64)
+# (A, alpha, beta, D) per (family, compressor): distinct laws, so choices differ by task
+TRUTH = {
+    ("reasoning", "avgpool"): (0.6, 0.20, 0.08, 0.15),
+    ("reasoning", "qformer"): (0.5, 0.15, 0.20, 0.18),
+    ("ocr", "avgpool"): (0.7, 0.10, 0.30, 0.10),
+    ("ocr", "qformer"): (0.7, 0.12, 0.15, 0.12),
+}
+BENCHMARKS = {"reasoning": ["mmmu", "scienceqa"], "ocr": ["textvqa"]}
+RELOAD_SECONDS = 0.5
+
+
+def write_results(store: Store, grid: str = GRID, seed: int = 0) -> None:
+    """One result object per trial (LLM x V x compressor), rows per benchmark, errors from
+    TRUTH plus a little seeded noise (so the bootstrap has something to resample)."""
+    rng = np.random.default_rng(seed)
+    base = {f.name: None for f in RESULT_SCHEMA}
+    for compressor in ("avgpool", "qformer"):
+        for llm, n in LLMS.items():
+            for v in TOKENS:
+                config_hash = f"{llm}-{v}-{compressor}"
+                rows = []
+                for family, benchmarks in BENCHMARKS.items():
+                    a, alpha, beta, d = TRUTH[(family, compressor)]
+                    for bench in benchmarks:
+                        error = float(np.clip(a * (n / 1e6) ** -alpha * v**-beta + d + rng.normal(0, 0.004), 0, 1))
+                        rows.append(base | {
+                            "grid": grid, "trial_id": f"t-{config_hash}", "config_hash": config_hash, "llm": llm,
+                            "llm_params": n, "visual_tokens": v, "compressor": compressor, "seed": 0,
+                            "benchmark": bench, "task_family": family, "score": 1 - error, "error": error,
+                            "n_examples": 32, "text_tokens_mean": 0.0, "generated_tokens": 0,
+                            "inference_flops": 2.0 * n * v, "finished_at": datetime.now(timezone.utc),
+                        })
+                store.write_results(grid, compressor, config_hash, rows)
+
+
+def law_rows(grid: str, alpha: float, fitted_at: datetime) -> list[dict]:
+    """Hand-made laws (product form only) with a chosen alpha: a 'refit' for hot reload."""
+    base = {f.name: None for f in LAW_SCHEMA}
+    return [
+        base | {
+            "grid": grid, "task_family": family, "compressor": compressor, "form": "product",
+            "A": 0.6, "alpha": alpha, "beta": 0.1, "D": 0.1, "sse": 0.0, "r2": 1.0, "n_points": 16,
+            "min_llm_params": min(LLMS.values()), "max_llm_params": max(LLMS.values()),
+            "min_visual_tokens": min(TOKENS), "max_visual_tokens": max(TOKENS), "fitted_at": fitted_at,
+        }
+        for family, compressor in TRUTH
+    ]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Store:
+    store = Store.open(str(tmp_path_factory.mktemp("serve-store")))
+    write_results(store)
+    rows, skipped = fit_grid(store, GRID)
+    assert len(rows) == 8 and not skipped, skipped
+    return store
+
+
+@pytest.fixture(scope="module")
+def advisor(store) -> Advisor:
+    snapshot = load_snapshot(store, GRID)
+    assert snapshot is not None
+    return Advisor(snapshot)
+
+
+@pytest.fixture(scope="module")
+def served(store, tmp_path_factory):
+    """The app on `store` at /, and a second app at /pending on a store with no laws yet."""
+    import ray
+    from ray import serve
+
+    from tokenscale.orchestrator.driver import init_ray
+    from tokenscale.serve.app import start
+
+    pending = Store.open(str(tmp_path_factory.mktemp("pending-store") / "not-created-yet"))
+    init_ray()
+    try:
+        port = free_port()
+        url = start(store.uri, GRID, "127.0.0.1", port, reload_seconds=RELOAD_SECONDS)
+        pending_url = start(pending.uri, None, "127.0.0.1", port, reload_seconds=RELOAD_SECONDS,
+                            ci_resamples=0, name="pending", route_prefix="/pending")
+        yield url, pending_url, pending
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def get(url: str, path: str, **params) -> requests.Response:
+    return requests.get(f"{url}{path}", params=params, timeout=30)
+
+
+# ---- the answers, without Ray ---------------------------------------------------------------
+
+
+def test_advisor_agrees_with_fitting(advisor):
+    snap = advisor.snapshot
+    for task in ("reasoning", "ocr"):
+        for form in ("product", "sum"):
+            for compressor in (None, "avgpool", "qformer"):
+                laws = {c: law for (t, c, f), (_, law) in snap.laws.items()
+                        if t == task and f == form and (compressor is None or c == compressor)}
+                for q in (0.0, 37.0):
+                    cheapest = min(2 * c.llm_params * (q + c.visual_tokens) for c in snap.candidates)
+                    for budget in (cheapest, cheapest * 3.3, 1e9, 3e10, 1e15):
+                        ours = advisor.optimal(budget, q, task, compressor, form)
+                        theirs = choose(laws, snap.candidates, budget, q)
+                        c = theirs.candidate
+                        assert (ours["llm"], ours["visual_tokens"], ours["compressor"]) == (c.llm, c.visual_tokens, c.compressor)
+                        assert ours["predicted_error"] == pytest.approx(theirs.predicted_error, rel=1e-12)
+                        assert ours["optimal_visual_tokens"] == pytest.approx(theirs.optimal_visual_tokens, rel=1e-9)
+                        assert ours["flops"] == pytest.approx(theirs.flops) and ours["flops"] <= budget
+                        lo, hi = ours["predicted_error_lo"], ours["predicted_error_hi"]
+                        assert lo is not None and lo <= hi and ours["ci_level"] == pytest.approx(0.9)
+                    points = advisor.frontier(task, q, compressor, form)["points"]
+                    expected = frontier(laws, snap.candidates, q)
+                    assert [(p["llm"], p["visual_tokens"], p["compressor"]) for p in points] == [
+                        (e.candidate.llm, e.candidate.visual_tokens, e.candidate.compressor) for e in expected]
+    with pytest.raises(BadRequest, match="cheapest candidate"):
+        advisor.optimal(1.0, 0.0, "reasoning")
+    with pytest.raises(BadRequest, match="accepted values are ocr, reasoning"):
+        advisor.optimal(1e12, 0.0, "poetry")
+    for bad in (float("nan"), float("inf"), -1.0, 0.0, "2e12", True, None):
+        with pytest.raises(BadRequest, match="flops"):
+            advisor.optimal(bad, 0.0, "reasoning")
+
+
+def test_prediction_ci_is_the_fits_bootstrap(store, advisor):
+    """The prediction CI re-runs the fit's bootstrap (same resamples, level, seed) on the
+    store's results: deterministic from load to load, and its parameter intervals overlap
+    the ones the fit stored (equal up to resampling noise: the fit's point order may differ)."""
+    again = load_snapshot(store, GRID)
+    for row in advisor.laws()["laws"]:
+        assert row["ci_resamples"] == 200 and row["ci_level"] == pytest.approx(0.9)
+        key = (row["task_family"], row["compressor"], row["form"])
+        ci = advisor.snapshot.law_cis[key]
+        assert ci.alpha == again.law_cis[key].alpha and ci.beta == again.law_cis[key].beta
+        assert max(ci.alpha[0], row["alpha_lo"]) < min(ci.alpha[1], row["alpha_hi"])  # overlap
+        assert row["D_lo"] is not None and row["D_lo"] <= row["D_hi"]
+    opts = advisor.snapshot.options[("reasoning", None, "product")]
+    assert np.array_equal(opts.error_lo, again.options[("reasoning", None, "product")].error_lo)
+    assert np.all(opts.error_lo <= opts.error_hi)
+
+
+def test_trials_rank_by_mean_error_over_the_family(advisor, store):
+    table = store.read_results(GRID).to_pylist()
+    best = advisor.trials("reasoning", 3)["trials"]
+    means = {}
+    for r in table:
+        if r["task_family"] == "reasoning":
+            means.setdefault(r["config_hash"], []).append(r["error"])
+    expected = sorted((float(np.mean(v)), k) for k, v in means.items())[:3]
+    assert [(t["mean_error"], t["config_hash"]) for t in best] == [(pytest.approx(m), k) for m, k in expected]
+    assert [t["rank"] for t in best] == [1, 2, 3] and best[0]["benchmarks"] == 2
+    for bad in (0, 101, 2.5, True):
+        with pytest.raises(BadRequest, match="top"):
+            advisor.trials("reasoning", bad)
+
+
+def test_load_skips_rows_it_cannot_serve(tmp_path):
+    """A law with a NaN parameter or a result row without N is left out, not a failed load."""
+    store = Store.open(str(tmp_path / "s"))
+    write_results(store)
+    broken = {f.name: None for f in RESULT_SCHEMA} | {"grid": GRID, "task_family": "ocr", "compressor": "avgpool",
+                                                      "llm": "ghost", "visual_tokens": 4, "error": 0.5}
+    store.write_results(GRID, "avgpool", "ghost", [broken])
+    rows = law_rows(GRID, 0.2, datetime.now(timezone.utc))
+    rows[0] |= {"alpha": float("nan")}  # (reasoning, avgpool) unusable
+    store.write_laws(GRID, rows)
+    advisor = Advisor(load_snapshot(store, ci_resamples=0))
+    assert ("reasoning", "avgpool", "product") not in advisor.snapshot.laws
+    assert all(c.llm != "ghost" for c in advisor.snapshot.candidates)
+    assert advisor.optimal(1e10, 0, "reasoning")["compressor"] == "qformer"
+    with pytest.raises(BadRequest, match="accepted values are qformer"):
+        advisor.optimal(1e10, 0, "reasoning", "avgpool")
+    with pytest.raises(BadRequest, match="accepted forms for it are product"):
+        advisor.optimal(1e10, 0, "ocr", form="sum")
+
+
+def test_laws_fingerprint_changes_on_refit(tmp_path):
+    store = Store.open(str(tmp_path / "s"))
+    assert laws_fingerprint(store) == () and load_snapshot(store) is None
+    store.write_laws(GRID, law_rows(GRID, 0.2, datetime.now(timezone.utc)))
+    first = laws_fingerprint(store)
+    assert [g for g, *_ in first] == [GRID] and laws_fingerprint(store, GRID) == first
+    store.write_laws(GRID, law_rows(GRID, 0.3, datetime.now(timezone.utc)))
+    assert laws_fingerprint(store) != first
+
+
+def test_laws_fingerprint_on_s3(s3_endpoint):
+    store = Store.open("s3://tokenscale/serve")
+    assert laws_fingerprint(store) == ()
+    write_results(store)
+    assert laws_fingerprint(store) == ()  # results but no laws yet
+    store.write_laws(GRID, law_rows(GRID, 0.2, datetime.now(timezone.utc)))
+    first = laws_fingerprint(store)
+    assert [g for g, *_ in first] == [GRID] and laws_fingerprint(store, GRID) == first
+    store.write_laws(GRID, law_rows(GRID, 0.35, datetime.now(timezone.utc)))
+    assert laws_fingerprint(store) != first
+    snapshot = load_snapshot(store, ci_resamples=0)
+    assert snapshot.grid == GRID and len(snapshot.candidates) == 32
+    assert Advisor(snapshot).optimal(1e10, 0, "ocr")["predicted_error_lo"] is None  # no CI asked
+
+
+# ---- over HTTP -----------------------------------------------------------------------------------
+
+
+def test_every_endpoint_over_http(served, advisor):
+    url, *_ = served
+    health = get(url, "/healthz")
+    assert health.status_code == 200 and health.json()["ready"] and health.json()["grid"] == GRID
+
+    answer = get(url, "/optimal", flops=2e9, text_tokens=16, task="reasoning")
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    # the HTTP answer is the Advisor's, number for number (JSON floats round-trip exactly)
+    assert body == advisor.optimal(2e9, 16.0, "reasoning")
+    assert {"llm", "llm_params", "visual_tokens", "compressor", "predicted_error", "predicted_error_lo",
+            "predicted_error_hi", "optimal_visual_tokens", "optimal_llm_params", "ci_level"} <= set(body)
+    assert body["predicted_error_lo"] <= body["predicted_error_hi"] and body["flops"] <= 2e9
+    one = get(url, "/optimal", flops=2e9, task="ocr", compressor="qformer", form="sum").json()
+    assert one["compressor"] == "qformer" and one["form"] == "sum"
+
+    front = get(url, "/frontier", task="ocr", text_tokens=0)
+    assert front.status_code == 200, front.text
+    points = front.json()["points"]
+    assert points and [p["flops"] for p in points] == sorted(p["flops"] for p in points)
+    errors = [p["predicted_error"] for p in points]
+    assert errors == sorted(errors, reverse=True) and len(set(errors)) == len(errors)
+
+    laws = get(url, "/laws").json()
+    assert laws["grid"] == GRID and len(laws["laws"]) == 8
+    assert all(law["alpha_lo"] <= law["alpha"] + 1e-9 and law["alpha_hi"] is not None for law in laws["laws"])
+
+    trials = get(url, "/trials", task="ocr", top=5).json()
+    assert len(trials["trials"]) == 5 and trials["trials"] == advisor.trials("ocr", 5)["trials"]
+
+    spec = get(url, "/openapi.json").json()
+    assert {"/optimal", "/frontier", "/laws", "/trials", "/healthz"} <= set(spec["paths"])
+    assert get(url, "/docs").status_code == 200
+    assert get(url, "/noop").json() == {"ok": True}
+
+
+BAD = [
+    # (path, params, status, words the message must contain)
+    ("/optimal", {}, 422, ["flops", "Field required", "e.g. 2e12"]),
+    ("/optimal", {"flops": -5}, 422, ["flops", "greater than 0"]),
+    ("/optimal", {"flops": 0}, 422, ["flops", "greater than 0"]),
+    ("/optimal", {"flops": ""}, 422, ["flops", "valid number"]),
+    ("/optimal", {"flops": "lots"}, 422, ["flops", "valid number"]),
+    ("/optimal", {"flops": "nan"}, 422, ["flops", "finite"]),
+    ("/optimal", {"flops": "inf"}, 422, ["flops", "finite"]),
+    ("/optimal", {"flops": "1e400"}, 422, ["flops", "finite"]),
+    ("/optimal", {"flops": "1e31"}, 422, ["flops", "less than or equal"]),
+    ("/optimal", {"flops": "[1]"}, 422, ["flops"]),
+    ("/optimal", {"flops": 2e9, "text_tokens": -1}, 422, ["text_tokens", "greater than or equal to 0"]),
+    ("/optimal", {"flops": 2e9, "text_tokens": "1e300"}, 422, ["text_tokens", "less than or equal"]),
+    ("/optimal", {"flops": 2e9, "text_tokens": "ten"}, 422, ["text_tokens"]),
+    ("/optimal", {"flops": 2e9, "form": "cubic"}, 422, ["form", "product or sum"]),
+    ("/optimal", {"flops": 2e9, "task": "poetry"}, 400, ["unknown task 'poetry'", "ocr, reasoning"]),
+    ("/optimal", {"flops": 2e9, "task": ""}, 400, ["unknown task ''", "ocr, reasoning"]),
+    ("/optimal", {"flops": 2e9, "task": "x" * 500}, 422, ["task", "at most 100"]),
+    ("/optimal", {"flops": 2e9, "compressor": "resampler"}, 400, ["unknown compressor 'resampler'", "avgpool, qformer"]),
+    ("/optimal", {"flops": 1e3}, 400, ["below the cheapest candidate's cost", "give at least"]),
+    ("/optimal", {"flops": 5e-324}, 400, ["below the cheapest candidate's cost"]),
+    ("/frontier", {"task": "poetry"}, 400, ["unknown task", "ocr, reasoning"]),
+    ("/frontier", {"task": "ocr", "text_tokens": "nan"}, 422, ["text_tokens", "finite"]),
+    ("/frontier", {"task": "ocr", "compressor": "nope"}, 400, ["unknown compressor"]),
+    ("/trials", {"task": "poetry"}, 400, ["unknown task", "ocr, reasoning"]),
+    ("/trials", {"task": "ocr", "top": 0}, 422, ["top", "greater than or equal to 1"]),
+    ("/trials", {"task": "ocr", "top": 1000}, 422, ["top", "less than or equal to 100"]),
+    ("/trials", {"task": "ocr", "top": "1.5"}, 422, ["top", "integer"]),
+    ("/nowhere", {}, 404, ["Not Found", "/optimal"]),
+]
+
+
+@pytest.mark.parametrize(("path", "params", "status", "words"), BAD, ids=[f"{p}-{i}" for i, (p, *_) in enumerate(BAD)])
+def test_bad_input_is_a_4xx_with_a_json_message(served, path, params, status, words):
+    url, *_ = served
+    response = get(url, path, **params)
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    message = response.json()["error"]
+    for word in words:
+        assert word in message, message
+
+
+def test_wrong_method_and_unknown_params(served):
+    url, *_ = served
+    response = requests.post(f"{url}/optimal", params={"flops": 2e9}, timeout=30)
+    assert response.status_code == 405 and "GET /optimal" in response.json()["error"]
+    # unknown query parameters are ignored, not errors
+    assert get(url, "/optimal", flops=2e9, sql="drop table laws").status_code == 200
+
+
+def test_fuzz_openapi_zero_5xx(served):
+    """Schemathesis generates requests from /openapi.json, valid and invalid: none may get
+    a 5xx, a valid one must get a response matching its schema, every one a JSON body."""
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis.generation import GenerationMode
+
+    url, *_ = served
+    schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
+    session = requests.Session()
+    seen: Counter[int] = Counter()
+
+    def fuzzer(mode: GenerationMode):
+        @settings(max_examples=90, deadline=None, derandomize=True, database=None,
+                  suppress_health_check=list(HealthCheck))
+        @given(case=schema.as_strategy(generation_mode=mode))
+        def fuzz(case):
+            response = case.call(base_url=url, session=session, timeout=30)
+            seen[response.status_code] += 1
+            assert response.status_code < 500, (case.as_curl_command(), response.text)
+            body = response.json()  # every answer, error or not, is JSON
+            assert "could not answer" not in str(body), body  # the catch-all never fired
+            if mode is GenerationMode.POSITIVE and response.status_code == 200:
+                case.validate_response(response)
+
+        return fuzz
+
+    for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+        fuzzer(mode)()
+    print(f"fuzz: {sum(seen.values())} requests, status counts {dict(sorted(seen.items()))}")
+    assert 50 <= sum(seen.values()) <= 400 and {200, 422} <= set(seen), seen
+
+
+def test_hot_reload_without_restart(served):
+    """A store with no laws answers 404 (not 503); results and laws written later are
+    served within a bound, and so is a refit with different parameters."""
+    _, url, pending = served
+    health = get(url, "/healthz")
+    assert health.status_code == 200 and not health.json()["ready"]
+    for path, params in (("/optimal", {"flops": 1e10}), ("/frontier", {}), ("/laws", {}), ("/trials", {})):
+        response = get(url, path, **params)
+        assert response.status_code == 404 and "tokenscale fit" in response.json()["error"], response.text
+
+    bound = RELOAD_SECONDS + 15.0  # one poll plus the load, with room for a busy 2-core machine
+    write_results(pending, grid="late")
+    pending.write_laws("late", law_rows("late", 0.2, datetime(2026, 1, 1, tzinfo=timezone.utc)))
+    started = time.monotonic()
+    while (answer := get(url, "/laws")).status_code != 200:
+        assert time.monotonic() - started < bound, f"laws not served after {bound}s: {answer.text}"
+        time.sleep(0.1)
+    assert {law["alpha"] for law in answer.json()["laws"]} == {0.2}
+    before = get(url, "/optimal", flops=1e10, task="ocr").json()
+
+    pending.write_laws("late", law_rows("late", 0.45, datetime(2026, 1, 2, tzinfo=timezone.utc)))
+    started = time.monotonic()
+    while {law["alpha"] for law in get(url, "/laws").json()["laws"]} != {0.45}:
+        assert time.monotonic() - started < bound, "the refit was not served in time"
+        time.sleep(0.1)
+    after = get(url, "/optimal", flops=1e10, task="ocr").json()
+    assert after["fitted_at"] > before["fitted_at"]
+    assert not math.isclose(after["predicted_error"], before["predicted_error"])
+    assert get(url, "/healthz").json()["fitted_at"].startswith("2026-01-02")
