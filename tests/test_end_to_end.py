@@ -110,3 +110,15 @@ def test_ray_job_submit_runs_a_grid(tmp_path):
     columns, rows = query(Store.open(str(store_dir)), "select count(*), any_value(grid) from results")
     assert rows == [(2, "job")]
     assert json.loads(json.dumps(columns)) == ["count_star()", "any_value(grid)"]
+
+
+def test_query_based_compressors_run_through_real_trials(local_ray, tmp_path):
+    """tokenpacker and quecc (which needs the LM's question embedding) train and evaluate
+    under Ray Train + DeepSpeed like avgpool does."""
+    grid = parse_grid(tiny_grid("compressors", llms=1, visual_tokens=(4,), compressors=["tokenpacker", "quecc"]))
+    store = Store.open(str(tmp_path / "store"))
+    summary = run_grid(grid, store, verbose=0)
+    assert summary.errored == 0 and summary.finished == 2, summary
+    _, rows = query(store, "select compressor, count(*), min(compressor_params), min(compressor_flops) from results group by 1 order by 1")
+    assert [r[0] for r in rows] == ["quecc", "tokenpacker"]
+    assert all(r[1] == 2 and r[2] > 0 and r[3] > 0 for r in rows)
