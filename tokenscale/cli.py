@@ -216,9 +216,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
             f"D={r['D']:.3f} r2={r['r2']:.3f} holdout={r['holdout_error']:.3f}"
         )
         if r["form"] == "product":
-            verdict = "LLM size matters more (alpha > beta)" if r["alpha"] > r["beta"] else "tokens matter more (beta >= alpha)"
-            v_star = "the smallest budget" if r["alpha"] > r["beta"] else "the largest budget"
-            print(f"  {'':>10} {'':>16} {'':>8}  -> {verdict}; cached-query optimum V* = {v_star}")
+            if max(r["alpha"], r["beta"]) < 1e-3:
+                verdict = "no measurable trend in N or V (flat errors: the law says nothing here)"
+            elif r["alpha"] > r["beta"]:
+                verdict = "LLM size matters more (alpha > beta); cached-query optimum V* = the smallest budget"
+            else:
+                verdict = "tokens matter more (beta >= alpha); cached-query optimum V* = the largest budget"
+            print(f"  {'':>10} {'':>16} {'':>8}  -> {verdict}")
     for line in skipped:
         print(f"  not fitted: {line}")
     if rows:
