@@ -45,22 +45,24 @@ def _find_train_worker() -> psutil.Process | None:
 def test_killed_train_worker_restarts_and_trial_completes(tmp_path):
     grid = parse_grid(tiny_grid(
         "killworker", llms=1, visual_tokens=(4,), max_failures=2,
-        train={"zero_stage": 1, "micro_batch": 8, "stage1_steps": 2, "stage2_steps": 400},
+        train={"zero_stage": 1, "micro_batch": 8, "stage1_steps": 2, "stage2_steps": 600},
     ))
     store = Store.open(str(tmp_path / "store"))
+    train_dir = tmp_path / "store" / "killworker" / "train"
     killed: list[int] = []
 
     def killer() -> None:
+        # kill the worker in stage 2, once stage 1's checkpoint is in the store
         deadline = time.time() + 240
         while time.time() < deadline and not killed:
             worker = _find_train_worker()
-            if worker is not None:
-                time.sleep(8)  # let it get into training
+            if worker is not None and any(train_dir.glob("*/checkpoint_*/stage1.pt")):
+                time.sleep(4)  # the controller registers the reported checkpoint
                 if worker.is_running():
                     worker.send_signal(signal.SIGKILL)
                     killed.append(worker.pid)
                 return
-            time.sleep(0.5)
+            time.sleep(0.2)
 
     init_ray()
     try:
@@ -72,6 +74,7 @@ def test_killed_train_worker_restarts_and_trial_completes(tmp_path):
         ray.shutdown()
     assert killed, "the Train worker was never seen, so nothing was killed"
     assert summary.errored == 0 and summary.finished == 1, summary
+    assert summary.trial_metrics[0]["resumed_from_stage"] == 1, "the restarted worker continued from stage 1's checkpoint"
     _, rows = query(store, "select count(*), count(distinct config_hash) from results")
     assert rows == [(2, 1)]
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
@@ -156,8 +158,19 @@ def evaluate(model: VLM, trial: TrialConfig, splits: list[Split], device: torch.
     return rows
 
 
-def train_and_evaluate(trial: TrialConfig, rank: int = 0) -> dict[str, Any]:
-    """Both stages then eval; returns metrics (with `rows` on rank 0)."""
+STAGE1_FILE = "stage1.pt"
+
+
+def train_and_evaluate(
+    trial: TrialConfig,
+    rank: int = 0,
+    checkpoint_dir: str | None = None,
+    on_stage1_done: Callable[[VLM, float], None] | None = None,
+) -> dict[str, Any]:
+    """Both stages then eval; returns metrics (with `rows` on rank 0).
+
+    A `checkpoint_dir` holding the end of stage 1 (a retried trial) skips stage 1;
+    `on_stage1_done(model, loss)` is called when stage 1 finishes, to checkpoint it."""
     torch.manual_seed(trial.seed)
     device = _device()
     use_bf16 = trial.train.bf16 == "on" or (
@@ -169,13 +182,27 @@ def train_and_evaluate(trial: TrialConfig, rank: int = 0) -> dict[str, Any]:
     model = VLM(trial).to(device)
 
     started = time.perf_counter()
-    model.llm.requires_grad_(False)
-    stage1_loss = run_stage(model, trial, train_splits, trial.train.stage1_steps, trial.train.stage1_lr, rng, device, use_bf16)
+    stage1_file = os.path.join(checkpoint_dir, STAGE1_FILE) if checkpoint_dir else None
+    resumed = bool(stage1_file and os.path.exists(stage1_file))
+    if resumed:
+        state = torch.load(stage1_file, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        stage1_loss = float(state["stage1_loss"])
+    else:
+        model.llm.requires_grad_(False)
+        stage1_loss = run_stage(model, trial, train_splits, trial.train.stage1_steps, trial.train.stage1_lr, rng, device, use_bf16)
+        if on_stage1_done is not None:
+            on_stage1_done(model, stage1_loss)
     model.llm.requires_grad_(True)
     stage2_loss = run_stage(model, trial, train_splits, trial.train.stage2_steps, trial.train.stage2_lr, rng, device, use_bf16)
     train_seconds = time.perf_counter() - started
 
-    metrics: dict[str, Any] = {"stage1_loss": stage1_loss, "stage2_loss": stage2_loss, "train_seconds": train_seconds}
+    metrics: dict[str, Any] = {
+        "stage1_loss": stage1_loss,
+        "stage2_loss": stage2_loss,
+        "train_seconds": train_seconds,
+        "resumed_from_stage": 1 if resumed else 0,
+    }
     if rank == 0:
         started = time.perf_counter()
         bench_rows = evaluate(model.to(dtype), trial, eval_splits, device, dtype)
@@ -213,7 +240,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(int(config.get("threads_per_worker", 1)))
     rank = ray.train.get_context().get_world_rank()
     trial = TrialConfig.from_dict(config["trial"])
-    metrics = train_and_evaluate(trial, rank=rank)
+
+    def checkpoint_stage1(model: VLM, loss: float) -> None:
+        # Ray Train persists it to the trial's storage (beside the results in the store);
+        # a restarted worker group gets it back from get_checkpoint() and skips stage 1.
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:
+                torch.save({"model": model.state_dict(), "stage1_loss": loss}, os.path.join(tmp, STAGE1_FILE))
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report({"stage": 1, "stage1_loss": loss}, checkpoint=checkpoint)
+
+    previous = ray.train.get_checkpoint()
+    if previous is not None:
+        with previous.as_directory() as checkpoint_dir:
+            metrics = train_and_evaluate(trial, rank, checkpoint_dir, checkpoint_stage1)
+    else:
+        metrics = train_and_evaluate(trial, rank, None, checkpoint_stage1)
     rows = metrics.pop("rows", None)
     if rank == 0:
         # The driver's hash names the object: a worker running other code (new defaults)
