@@ -27,13 +27,13 @@ import os
 import tempfile
 import threading
 import time
-from datetime import datetime, timezone
 from urllib.parse import urlencode
 
 import numpy as np
 
 from tokenscale.fitting.grid_fit import fit_grid
-from tokenscale.store import RESULT_SCHEMA, Store
+from tokenscale.fitting.synthetic import write_synthetic_results
+from tokenscale.store import Store
 
 GRID = "bench-serve"
 LLMS = {"xs": 1_000_000, "s": 4_000_000, "m": 16_000_000, "l": 64_000_000}
@@ -49,24 +49,7 @@ BENCHMARKS = {"reasoning": ["mmmu", "scienceqa"], "ocr": ["textvqa"]}
 
 def synthetic_store(root: str) -> Store:
     store = Store.open(root)
-    rng = np.random.default_rng(0)
-    base = {f.name: None for f in RESULT_SCHEMA}
-    for compressor in ("avgpool", "qformer"):
-        for llm, n in LLMS.items():
-            for v in TOKENS:
-                config_hash = f"{llm}-{v}-{compressor}"
-                rows = []
-                for family, benchmarks in BENCHMARKS.items():
-                    a, alpha, beta, d = TRUTH[(family, compressor)]
-                    for bench in benchmarks:
-                        error = float(np.clip(a * (n / 1e6) ** -alpha * v**-beta + d + rng.normal(0, 0.004), 0, 1))
-                        rows.append(base | {
-                            "grid": GRID, "trial_id": f"t-{config_hash}", "config_hash": config_hash, "llm": llm,
-                            "llm_params": n, "visual_tokens": v, "compressor": compressor, "seed": 0,
-                            "benchmark": bench, "task_family": family, "score": 1 - error, "error": error,
-                            "n_examples": 32, "inference_flops": 2.0 * n * v, "finished_at": datetime.now(timezone.utc),
-                        })
-                store.write_results(GRID, compressor, config_hash, rows)
+    write_synthetic_results(store, GRID, LLMS, TOKENS, TRUTH, BENCHMARKS)
     fit_grid(store, GRID)
     return store
 

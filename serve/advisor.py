@@ -444,14 +444,8 @@ class Advisor:
         law = opts.laws[opts.candidates[i].compressor]
         v_star = optimal_visual_tokens(law, text_tokens, opts.v_min, opts.v_max, flops=flops, generated_tokens=generated_tokens)
         return {
-            "grid": self.snapshot.grid,
-            "fitted_at": self.snapshot.fitted_at,
-            "task": task,
-            "form": form,
-            "text_tokens": text_tokens,
-            "generated_tokens": generated_tokens,
+            **self._header(opts, task, form, text_tokens, generated_tokens),
             "budget_flops": flops,
-            "ci_level": opts.ci_level,
             **self._point(opts, i, costs[i], v_star, flops, q),
         }
 
@@ -475,6 +469,10 @@ class Advisor:
             self._point(opts, opts.index[choice.candidate], choice.flops, choice.optimal_visual_tokens, choice.flops, q)
             for choice in frontier(opts.laws, list(opts.candidates), text_tokens, generated_tokens)
         ]
+        return {**self._header(opts, task, form, text_tokens, generated_tokens), "points": points}
+
+    def _header(self, opts, task: str, form: str, text_tokens: float, generated_tokens: float) -> dict:
+        """What every answer states about itself: which laws, which question."""
         return {
             "grid": self.snapshot.grid,
             "fitted_at": self.snapshot.fitted_at,
@@ -483,7 +481,6 @@ class Advisor:
             "text_tokens": text_tokens,
             "generated_tokens": generated_tokens,
             "ci_level": opts.ci_level,
-            "points": points,
         }
 
     def laws(self) -> dict:

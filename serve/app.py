@@ -106,25 +106,23 @@ class Point(BaseModel):
     optimal_llm_params: float | None = Field(description="N*: the N that spends the budget at V*")
 
 
-class OptimalAnswer(Point):
+class AnswerHeader(BaseModel):
+    """What every answer states about itself: which laws, which question."""
+
     grid: str
     fitted_at: str
     task: str
     form: str
     text_tokens: float
     generated_tokens: float
+    ci_level: float | None
+
+
+class OptimalAnswer(Point, AnswerHeader):
     budget_flops: float
-    ci_level: float | None
 
 
-class FrontierAnswer(BaseModel):
-    grid: str
-    fitted_at: str
-    task: str
-    form: str
-    text_tokens: float
-    generated_tokens: float
-    ci_level: float | None
+class FrontierAnswer(AnswerHeader):
     points: list[Point]
 
 

@@ -19,6 +19,7 @@ from conftest import free_port
 
 from tokenscale.fitting.frontier import choose, frontier
 from tokenscale.fitting.grid_fit import fit_grid
+from tokenscale.fitting.synthetic import write_synthetic_results
 from tokenscale.serve.advisor import Advisor, BadRequest, laws_fingerprint, load_snapshot
 from tokenscale.store import LAW_SCHEMA, RESULT_SCHEMA, Store
 
@@ -39,25 +40,7 @@ RELOAD_SECONDS = 0.5
 def write_results(store: Store, grid: str = GRID, seed: int = 0) -> None:
     """One result object per trial (LLM x V x compressor), rows per benchmark, errors from
     TRUTH plus a little seeded noise (so the bootstrap has something to resample)."""
-    rng = np.random.default_rng(seed)
-    base = {f.name: None for f in RESULT_SCHEMA}
-    for compressor in ("avgpool", "qformer"):
-        for llm, n in LLMS.items():
-            for v in TOKENS:
-                config_hash = f"{llm}-{v}-{compressor}"
-                rows = []
-                for family, benchmarks in BENCHMARKS.items():
-                    a, alpha, beta, d = TRUTH[(family, compressor)]
-                    for bench in benchmarks:
-                        error = float(np.clip(a * (n / 1e6) ** -alpha * v**-beta + d + rng.normal(0, 0.004), 0, 1))
-                        rows.append(base | {
-                            "grid": grid, "trial_id": f"t-{config_hash}", "config_hash": config_hash, "llm": llm,
-                            "llm_params": n, "visual_tokens": v, "compressor": compressor, "seed": 0,
-                            "benchmark": bench, "task_family": family, "score": 1 - error, "error": error,
-                            "n_examples": 32, "text_tokens_mean": 0.0, "generated_tokens": 0,
-                            "inference_flops": 2.0 * n * v, "finished_at": datetime.now(timezone.utc),
-                        })
-                store.write_results(grid, compressor, config_hash, rows)
+    write_synthetic_results(store, grid, LLMS, TOKENS, TRUTH, BENCHMARKS, seed=seed)
 
 
 def law_rows(grid: str, alpha: float, fitted_at: datetime) -> list[dict]:
