@@ -6,7 +6,11 @@ each trial's train_seconds + eval_seconds from the store and prints
   ratio    = grid wall time / (sum of trial compute / concurrency)   (1.0 = no overhead)
   overhead = (grid wall x concurrency - sum of trial compute) / trials   seconds per trial
 
+Both ways a trial can train (resources.execution) run one after the other in this process,
+`workers` (a Ray Train worker group per trial) first as the baseline, then `in_trial`.
+
 Usage: python benchmarks/bench_overhead.py [--config configs/demo.yaml] [--trials 8]
+                                           [--execution workers in_trial]
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import time
 import ray
 
 from tokenscale.orchestrator.driver import init_ray, run_grid
-from tokenscale.orchestrator.grid import load_grid
+from tokenscale.orchestrator.grid import Grid, load_grid
 from tokenscale.sql import query
 from tokenscale.store import Store
 
@@ -28,28 +32,36 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("--trials", type=int, default=8, help="run only the first N grid points")
+    parser.add_argument("--execution", nargs="+", default=["workers", "in_trial"], choices=["workers", "in_trial"],
+                        help="resources.execution modes to run one after the other (the first is the baseline)")
     args = parser.parse_args()
+    init_ray()
+    for execution in args.execution:
+        run(load_grid(args.config), args.trials, execution)
+    ray.shutdown()
 
-    grid = load_grid(args.config)
+
+def run(grid: Grid, n_trials: int, execution: str) -> None:
     # the first N points, as their own grid (same sizes, same training)
-    trials = grid.trials()[: args.trials]
+    trials = grid.trials()[:n_trials]
     keep_llms = tuple(dict.fromkeys(t.llm for t in trials))
     keep_tokens = tuple(dict.fromkeys(t.visual_tokens for t in trials))
-    grid = dataclasses.replace(grid, grid="bench-overhead", llms=keep_llms, visual_tokens=keep_tokens)
+    resources = dataclasses.replace(grid.resources, execution=execution)
+    grid = dataclasses.replace(grid, grid=f"bench-overhead-{execution}", llms=keep_llms, visual_tokens=keep_tokens, resources=resources)
     n = len(grid.trials())
     concurrency = min(grid.max_concurrent_trials, n)
 
     with tempfile.TemporaryDirectory() as tmp:
         store = Store.open(tmp)
         started = time.perf_counter()
-        init_ray()
-        ray_start = time.perf_counter() - started
         summary = run_grid(grid, store, verbose=0)
-        wall = time.perf_counter() - started - ray_start
+        wall = time.perf_counter() - started
         _, rows = query(store, "select sum(s), count(*) from (select any_value(train_seconds) + any_value(eval_seconds) as s from results group by config_hash)")
         compute, done = rows[0]
-    ray.shutdown()
-    print(f"grid: {n} trials, {concurrency} at a time, {summary.errored} errored, ray.init {ray_start:.1f}s (not counted)")
+    if not done:
+        raise SystemExit(f"{execution}: no trial finished ({summary.errored} errored); see the log above")
+    print(f"== execution: {execution} ==")
+    print(f"grid: {n} trials, {concurrency} at a time, {summary.errored} errored")
     print(f"grid wall time:             {wall:8.1f} s")
     print(f"sum of trial compute:       {compute:8.1f} s  (train + eval, {done} trials)")
     print(f"ratio wall / (compute/{concurrency}):  {wall / (compute / concurrency):8.2f}")
@@ -61,7 +73,7 @@ def main() -> None:
         setup = mean["worker_seconds"] - mean["train_seconds"]
         print("mean per trial, outside training (eval and data/model setup together):")
         print(f"  Ray start-up (trial start -> train fn entered): {mean['startup_seconds']:6.1f} s")
-        print(f"  imports in the Train worker:                    {mean['import_seconds']:6.1f} s")
+        print(f"  imports in the worker:                          {mean['import_seconds']:6.1f} s")
         print(f"  data + model setup + eval + result write:       {setup:6.1f} s")
 
 

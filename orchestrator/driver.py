@@ -57,12 +57,28 @@ def _tune_trial_name(trial) -> str:
 
 def train_loop(config: dict[str, Any]) -> None:
     """Runs in each Ray Train worker. The import is deferred so that the Tune trial process,
-    which only waits on its trainer, never pays for importing torch/transformers/DeepSpeed."""
+    which only waits on its worker group, never pays for importing torch/DeepSpeed."""
     entered = time.time()
     from tokenscale.workers.train import train_loop_per_worker
 
     timing = {"trial_started": config["trial_started"], "entered": entered, "imported": time.time()}
     train_loop_per_worker({**config, "timing": timing})
+
+
+def _tune_report(metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
+    tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
+
+
+def train_in_trial(config: dict[str, Any]) -> None:
+    """`execution: in_trial`: the same training, as a world of one, in the Tune trial's own
+    process, which Tune reuses for the next trial (reuse_actors): no worker group to start,
+    no imports to repeat. Tune persists the stage-1 checkpoint with the trial and hands it
+    back to a retried trial; Tune's FailureConfig bounds the retries."""
+    entered = time.time()
+    from tokenscale.workers.train import train_loop_per_worker
+
+    timing = {"trial_started": config["trial_started"], "entered": entered, "imported": time.time()}
+    train_loop_per_worker({**config, "timing": timing}, report=_tune_report, get_checkpoint=tune.get_checkpoint, rank=0)
 
 
 def run_trial(config: dict[str, Any]) -> None:
@@ -78,32 +94,37 @@ def run_trial(config: dict[str, Any]) -> None:
     per_worker = {"CPU": resources["cpus_per_worker"]}
     if use_gpu:
         per_worker["GPU"] = resources["gpus_per_worker"]
-    storage_path, storage_fs = ray_storage(config["ray_storage"].rstrip("/") + "/train")
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={
-            "trial": config["point"]["trial"],
-            "config_hash": config_hash,
-            "store": store.uri,
-            "threads_per_worker": max(1, int(resources["cpus_per_worker"])),
-            "trial_started": time.time(),  # for the overhead breakdown in the metrics
-        },
-        torch_config=TorchConfig(backend=resources["backend"]),
-        scaling_config=train.ScalingConfig(
-            num_workers=resources["workers"],
-            use_gpu=use_gpu,
-            resources_per_worker=per_worker,
-            placement_strategy=resources["placement_strategy"],
-        ),
-        run_config=train.RunConfig(
-            name=point_name(config["point"]),
-            storage_path=storage_path,
-            storage_filesystem=storage_fs,
-            failure_config=train.FailureConfig(max_failures=config["max_failures"]),
-            callbacks=[TuneReportCallback()],  # Train's reports become this Tune trial's metrics
-        ),
-    )
-    trainer.fit()  # raises if the trial failed past its retries
+    loop_config = {
+        "trial": config["point"]["trial"],
+        "config_hash": config_hash,
+        "store": store.uri,
+        "threads_per_worker": max(1, int(resources["cpus_per_worker"])),
+        "backend": resources["backend"],
+        "trial_started": time.time(),  # for the overhead breakdown in the metrics
+    }
+    if resources["execution"] == "in_trial":
+        train_in_trial(loop_config)
+    else:
+        storage_path, storage_fs = ray_storage(config["ray_storage"].rstrip("/") + "/train")
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config=loop_config,
+            torch_config=TorchConfig(backend=resources["backend"]),
+            scaling_config=train.ScalingConfig(
+                num_workers=resources["workers"],
+                use_gpu=use_gpu,
+                resources_per_worker=per_worker,
+                placement_strategy=resources["placement_strategy"],
+            ),
+            run_config=train.RunConfig(
+                name=point_name(config["point"]),
+                storage_path=storage_path,
+                storage_filesystem=storage_fs,
+                failure_config=train.FailureConfig(max_failures=config["max_failures"]),
+                callbacks=[TuneReportCallback()],  # Train's reports become this Tune trial's metrics
+            ),
+        )
+        trainer.fit()  # raises if the trial failed past its retries
     if not store.has_result(trial.grid, trial.compressor, config_hash):
         raise RuntimeError(f"trial {config_hash} finished without writing its result object")
 
@@ -167,10 +188,22 @@ def load_saved_grid(store: Store, name: str) -> Grid:
     return parse_grid(yaml.safe_load(store.get_bytes(key)), key)
 
 
+def trial_resources(config: dict[str, Any]) -> tune.PlacementGroupFactory:
+    """What the Tune trial's process holds: the whole worker when it trains in-trial, else
+    a sliver, since it only waits on its Ray Train worker group."""
+    resources = config["point"]["resources"]
+    if resources["execution"] != "in_trial":
+        return tune.PlacementGroupFactory([{"CPU": 0.01}])
+    held = {"CPU": float(resources["cpus_per_worker"])}
+    if resources["gpus_per_worker"]:
+        held["GPU"] = float(resources["gpus_per_worker"])
+    return tune.PlacementGroupFactory([held])
+
+
 def _tuner_args(grid: Grid, store: Store, ray_root: str, verbose: int) -> tuple[Any, Any]:
     # Tune's newer console output ignores custom reporters; ours shows llm / V / compressor.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    trainable = tune.with_resources(run_trial, {"CPU": 0.01})  # the trial only waits on its trainer
+    trainable = tune.with_resources(run_trial, trial_resources)
     run_config = tune.RunConfig(
         name=TUNE_NAME,
         storage_path=ray_storage(ray_root)[0],

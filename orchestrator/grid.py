@@ -19,6 +19,7 @@ import yaml
 from tokenscale import compressors
 from tokenscale.store import check_name
 from tokenscale.workers.benchmarks import BENCHMARKS
+from tokenscale.workers.llava_data import TASK_FAMILIES
 from tokenscale.workers.trial import DataSpec, LLMSpec, TrainSpec, TrialConfig, VisionSpec
 
 
@@ -53,6 +54,13 @@ class Resources:
     gpus_per_worker: float = 0
     placement_strategy: str = "PACK"  # of one trial's workers: PACK, SPREAD, STRICT_PACK, STRICT_SPREAD
     backend: str = "auto"  # torch.distributed backend: auto = nccl when GPUs are asked for, else gloo
+    # Where a trial's training runs. `workers`: a Ray Train TorchTrainer worker group
+    # (actors, placement group, process group; Train's retries from the last checkpoint).
+    # `in_trial`: a world of one inside the Tune trial's own process, which Tune reuses for
+    # the next trial: no worker group to start and no imports to repeat per trial (on 2
+    # CPU cores that start-up was ~30 s a trial); Tune's retries, same stage checkpoints.
+    # auto = in_trial for one CPU-only worker, else workers.
+    execution: str = "auto"
     # Size bands, smallest first: an LLM takes the first band whose max_params >= its size;
     # larger LLMs than every band (or of unknown size) take the defaults above.
     bands: tuple[Band, ...] = ()
@@ -69,8 +77,11 @@ class Resources:
 
     def _shape(self, workers: int, cpus: float, gpus: float) -> dict[str, Any]:
         backend = self.backend if self.backend != "auto" else ("nccl" if gpus > 0 else "gloo")
+        execution = self.execution
+        if execution == "auto":
+            execution = "in_trial" if workers == 1 and gpus == 0 else "workers"
         return {"workers": workers, "cpus_per_worker": cpus, "gpus_per_worker": gpus,
-                "placement_strategy": self.placement_strategy, "backend": backend}
+                "placement_strategy": self.placement_strategy, "backend": backend, "execution": execution}
 
 
 def estimate_llm_params(llm: LLMSpec) -> float | None:
@@ -246,6 +257,7 @@ def _check(grid: Grid) -> None:
     vision = grid.vision
     if vision.path:
         _check_path("vision.path", vision.path)
+        _check_vision_checkpoint(vision)
     elif vision.image_size % vision.patch_size:
         raise GridError(
             f"vision.patch_size: {vision.patch_size} must divide vision.image_size ({vision.image_size})"
@@ -269,6 +281,7 @@ def _check(grid: Grid) -> None:
     for i, bench in enumerate(grid.data.benchmarks):
         if bench not in BENCHMARKS:
             raise GridError(f"data.benchmarks[{i}]: unknown benchmark {bench!r}; choose from {', '.join(BENCHMARKS)}")
+    _check_llava(grid)
     train = grid.train
     if train.zero_stage not in (0, 1, 2, 3):
         raise GridError(f"train.zero_stage: must be 0, 1, 2 or 3, got {train.zero_stage}")
@@ -313,6 +326,13 @@ def _check_resources(grid: Grid) -> None:
         raise GridError(f"resources.placement_strategy: {res.placement_strategy!r}; choose one of {', '.join(_STRATEGIES)}")
     if res.backend not in ("auto", "gloo", "nccl"):
         raise GridError(f"resources.backend: {res.backend!r}; choose auto, gloo or nccl")
+    if res.execution not in ("auto", "in_trial", "workers"):
+        raise GridError(f"resources.execution: {res.execution!r}; choose auto, in_trial or workers")
+    if res.execution == "in_trial":
+        counts = [("resources", res.workers)] + [(f"resources.bands[{i}]", b.workers) for i, b in enumerate(res.bands)]
+        for where, workers in counts:
+            if workers != 1:
+                raise GridError(f"{where}.workers: in_trial runs one process; set workers: 1 or resources.execution: workers")
     shapes = [("resources", res.workers, res.cpus_per_worker, res.gpus_per_worker)]
     shapes += [(f"resources.bands[{i}]", b.workers, b.cpus_per_worker, b.gpus_per_worker) for i, b in enumerate(res.bands)]
     for where, workers, cpus, gpus in shapes:
@@ -348,6 +368,76 @@ def _check_path(where: str, path: str) -> None:
         return  # checked by the worker that downloads it; no credentials on the driver
     if not os.path.isdir(path):
         raise GridError(f"{where}: {path!r} is not a directory; give a HF from_pretrained folder (local or s3://)")
+
+
+def _check_vision_checkpoint(vision: VisionSpec) -> None:
+    """The compressors are sized from vision.image_size / patch_size: they must be the
+    checkpoint's (a local one; an s3:// config is not read here)."""
+    config_file = Path(vision.path or "") / "config.json"
+    if vision.path is None or vision.path.startswith("s3://") or not config_file.is_file():
+        return
+    import json
+
+    cfg = json.loads(config_file.read_text())
+    cfg = cfg.get("vision_config", cfg)  # a whole CLIP checkpoint or its vision tower
+    size, patch = cfg.get("image_size"), cfg.get("patch_size")
+    if (size, patch) != (vision.image_size, vision.patch_size) and size and patch:
+        raise GridError(
+            f"vision.image_size/patch_size: {vision.image_size}/{vision.patch_size}, but the checkpoint "
+            f"{vision.path!r} has {size}/{patch}; set vision: {{path: ..., image_size: {size}, patch_size: {patch}}}"
+        )
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def _check_local(where: str, path: str, folder: bool) -> None:
+    """A data file or folder that must exist (s3:// ones are checked by the worker that fetches them)."""
+    if path.startswith("s3://"):
+        return
+    kind, ok = ("folder", os.path.isdir(path)) if folder else ("file", os.path.isfile(path))
+    if not ok:
+        raise GridError(f"{where}: {path!r} is not a {kind}; give an existing local path or an s3:// URI")
+
+
+def _check_llava(grid: Grid) -> None:
+    """LLaVA-format data: a tokenizer for every LLM, files that exist, known task families."""
+    llava = grid.data.llava
+    if llava is None:
+        return
+    for i, llm in enumerate(grid.llms):
+        if not llm.path:
+            raise GridError(
+                f"llms[{i}].path: data.llava is tokenized with the LLM's own tokenizer, but {llm.name!r} has "
+                "no checkpoint path; give every LLM a path (an HF from_pretrained folder with its tokenizer) "
+                "or drop data.llava"
+            )
+        if not llm.path.startswith("s3://") and not any((Path(llm.path) / f).is_file() for f in _TOKENIZER_FILES):
+            raise GridError(
+                f"llms[{i}].path: {llm.path!r} has no tokenizer ({', '.join(_TOKENIZER_FILES)}); data.llava needs "
+                "it: save the tokenizer into the checkpoint folder (tokenizer.save_pretrained)"
+            )
+    _check_local("data.llava.train", llava.train, folder=False)
+    _check_local("data.llava.image_folder", llava.image_folder, folder=True)
+    if not llava.eval:
+        raise GridError(
+            "data.llava.eval: expected a non-empty list of {name, task_family, path}; the trial's scores come from these sets"
+        )
+    names = [e.name for e in llava.eval]
+    if len(set(names)) != len(names):
+        raise GridError(f"data.llava.eval: names must be unique, got {names}")
+    for i, ev in enumerate(llava.eval):
+        where = f"data.llava.eval[{i}]"
+        if ev.task_family not in TASK_FAMILIES:
+            raise GridError(f"{where}.task_family: unknown task family {ev.task_family!r}; choose from {', '.join(TASK_FAMILIES)}")
+        _check_local(f"{where}.path", ev.path, folder=False)
+        if ev.image_folder is not None:
+            _check_local(f"{where}.image_folder", ev.image_folder, folder=True)
+        if not 0 <= ev.chance < 1:
+            raise GridError(f"{where}.chance: must be in [0, 1), got {ev.chance}")
+    for key in ("max_question_tokens", "max_answer_tokens"):
+        if getattr(llava, key) < 1:
+            raise GridError(f"data.llava.{key}: must be >= 1, got {getattr(llava, key)}")
 
 
 def parse_grid(raw: Any, source: str = "grid") -> Grid:

@@ -114,8 +114,11 @@ def test_ray_job_submit_runs_a_grid(tmp_path):
 
 def test_query_based_compressors_run_through_real_trials(local_ray, tmp_path):
     """tokenpacker and quecc (which needs the LM's question embedding) train and evaluate
-    under Ray Train + DeepSpeed like avgpool does."""
-    grid = parse_grid(tiny_grid("compressors", llms=1, visual_tokens=(4,), compressors=["tokenpacker", "quecc"]))
+    in a Ray Train worker group + DeepSpeed like avgpool does in-trial."""
+    grid = parse_grid(tiny_grid(
+        "compressors", llms=1, visual_tokens=(4,), compressors=["tokenpacker", "quecc"],
+        resources={"workers": 1, "cpus_per_worker": 1, "execution": "workers"},
+    ))
     store = Store.open(str(tmp_path / "store"))
     summary = run_grid(grid, store, verbose=0)
     assert summary.errored == 0 and summary.finished == 2, summary

@@ -40,6 +40,17 @@ def test_resources_by_size_band():
     assert by_llm == {"xs": 1, "s": 2, "m": 4}
     raw["resources"]["bands"].insert(0, {"llms": ["m"], "workers": 3})
     assert parse_grid(raw).resources.for_llm(grid.llms[2])["workers"] == 3
+    # auto: one CPU worker trains inside the Tune trial; a worker group otherwise
+    assert {t.llm.name: grid.resources.for_llm(t.llm)["execution"] for t in grid.trials()} == {
+        "xs": "in_trial", "s": "workers", "m": "workers"}
+
+
+def test_execution_auto_uses_a_worker_group_for_gpus():
+    raw = tiny_grid(resources={"workers": 1, "gpus_per_worker": 1, "node_types": [{"cpus": 8, "gpus": 1}]})
+    llm = parse_grid(raw).llms[0]
+    assert parse_grid(raw).resources.for_llm(llm)["execution"] == "workers"
+    raw["resources"]["execution"] = "in_trial"
+    assert parse_grid(raw).resources.for_llm(llm)["execution"] == "in_trial"
 
 
 def test_config_hash_is_stable_and_sensitive():
@@ -72,6 +83,8 @@ def test_config_hash_is_stable_and_sensitive():
         ({"resources": {"placement_strategy": "ANYWHERE"}}, "resources.placement_strategy"),
         ({"resources": {"bands": [{"max_params": 10}, {"max_params": 5}]}}, "must increase"),
         ({"seeds": [0.5]}, "seeds[0]: expected an integer"),
+        ({"resources": {"execution": "threads"}}, "resources.execution"),
+        ({"resources": {"workers": 2, "execution": "in_trial"}}, "resources.workers: in_trial runs one process"),
     ],
 )
 def test_bad_grids_name_the_field(change, message):

@@ -34,29 +34,33 @@ def _ours(proc: psutil.Process) -> bool:
         return False
 
 
-def _find_train_worker() -> psutil.Process | None:
+def _find_process(marker: str) -> psutil.Process | None:
     for proc in psutil.process_iter(["cmdline"]):
         cmdline = " ".join(proc.info["cmdline"] or [])
-        if "RayTrainWorker" in cmdline and _ours(proc):
+        if marker in cmdline and _ours(proc):
             return proc
     return None
 
 
-def test_killed_train_worker_restarts_and_trial_completes(tmp_path):
+# The process that trains: a Ray Train worker (Train's FailureConfig restarts the worker
+# group) or, in_trial, the Tune trial's own process (Tune's FailureConfig retries the trial).
+@pytest.mark.parametrize("execution, marker", [("workers", "RayTrainWorker"), ("in_trial", "ImplicitFunc")])
+def test_killed_train_worker_restarts_and_trial_completes(tmp_path, execution, marker):
     grid = parse_grid(tiny_grid(
         "killworker", llms=1, visual_tokens=(4,), max_failures=2,
         train={"zero_stage": 1, "micro_batch": 8, "stage1_steps": 2, "stage2_steps": 600},
+        resources={"workers": 1, "cpus_per_worker": 1, "execution": execution},
     ))
     store = Store.open(str(tmp_path / "store"))
-    train_dir = tmp_path / "store" / "killworker" / "train"
+    ray_dir = tmp_path / "store" / "killworker"  # train/<trial>/checkpoint_* or tune/<trial>/checkpoint_*
     killed: list[int] = []
 
     def killer() -> None:
         # kill the worker in stage 2, once stage 1's checkpoint is in the store
         deadline = time.time() + 240
         while time.time() < deadline and not killed:
-            worker = _find_train_worker()
-            if worker is not None and any(train_dir.glob("*/checkpoint_*/stage1.pt")):
+            worker = _find_process(marker)
+            if worker is not None and any(ray_dir.glob("*/*/checkpoint_*/stage1.pt")):
                 time.sleep(4)  # the controller registers the reported checkpoint
                 if worker.is_running():
                     worker.send_signal(signal.SIGKILL)
@@ -81,7 +85,11 @@ def test_killed_train_worker_restarts_and_trial_completes(tmp_path):
 
 def test_driver_killed_then_resume_runs_only_missing_trials(tmp_path):
     grid_file = tmp_path / "grid.yaml"
-    grid_file.write_text(yaml.safe_dump(tiny_grid("resumable", llms=2, visual_tokens=(1, 4), max_concurrent_trials=1)))
+    # long enough trials (in-trial ones start in well under a second) to kill the driver between two
+    grid_file.write_text(yaml.safe_dump(tiny_grid(
+        "resumable", llms=2, visual_tokens=(1, 4), max_concurrent_trials=1,
+        train={"zero_stage": 1, "micro_batch": 8, "stage1_steps": 2, "stage2_steps": 400},
+    )))
     store_dir = tmp_path / "store"
     store = Store.open(str(store_dir))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -93,7 +101,7 @@ def test_driver_killed_then_resume_runs_only_missing_trials(tmp_path):
         deadline = time.time() + 300
         while time.time() < deadline and not store.read_results("resumable").num_rows:
             assert driver.poll() is None, "the driver ended before it could be killed"
-            time.sleep(1)
+            time.sleep(0.2)
     finally:
         os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started
         driver.wait(timeout=30)

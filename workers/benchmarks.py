@@ -1,17 +1,19 @@
 """Benchmarks generated offline from a seed: small rendered images + one question each.
 
 Two task families, as in the paper:
-  reasoning — questions about rendered shapes (color, shape, count, spatial relation):
-              the answer depends on coarse, global content, so few visual tokens suffice;
-  ocr       — read one character of a rendered string (digits, letters): the answer
-              depends on fine detail at one place in the image, so tokens matter.
+  reasoning — questions about rendered shapes (color, shape, count, which side): the answer
+              depends on coarse, global content, so few visual tokens should suffice;
+  ocr       — read one character of a 3-character field printed at a fixed place, like a
+              box on a form (digits, letters): the answer depends on fine detail at one place
+              in the image, so tokens should matter. The field's box index is the question's
+              last word ("what digit is in box two").
 
 Every example is (image [3, S, S] float32 in [0, 1], question token ids, answer token
-ids). Within a benchmark all questions have the same length and all answers too, so a
-batch needs no padding. Generation is deterministic in (benchmark, split, seed); pixels are
-quantized to 8 bits, so a split is stored exactly as uint8 in a cache file
-(`$TOKENSCALE_CACHE`, default ~/.cache/tokenscale/benchmarks; `off` disables it), keyed by
-(benchmark, split, n, seed, image size, GENERATOR_VERSION) and written atomically.
+ids). Within a benchmark all questions have the same length and all answers too.
+Generation is deterministic in (benchmark, split, seed); pixels are quantized to 8 bits,
+so a split is stored exactly as uint8 in a cache file (`$TOKENSCALE_CACHE`, default
+~/.cache/tokenscale/benchmarks; `off` disables it), keyed by (benchmark, split, n, seed,
+image size, GENERATOR_VERSION) and written atomically.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 # Bump whenever rendering, questions or answers change: old cache files are then ignored.
-GENERATOR_VERSION = 4
+GENERATOR_VERSION = 5
 
 COLORS = {
     "red": (0.9, 0.1, 0.1),
@@ -61,7 +63,7 @@ GLYPHS = "0123456789" + LETTERS
 SPECIAL = ("<pad>", "<eos>")
 WORDS = (
     "what", "color", "is", "the", "shape", "it", "how", "many", "shapes", "are", "there",
-    "left", "right", "which", "side", "on", "of", "digit", "letter", "yes", "no", "?",
+    "left", "right", "which", "side", "on", "of", "in", "box", "digit", "letter", "yes", "no", "?",
 )
 VOCAB: tuple[str, ...] = tuple(
     dict.fromkeys(
@@ -82,7 +84,8 @@ class Benchmark:
     name: str
     task_family: str
     chance: float  # expected score of uniform guessing among the valid answers
-    make: Callable[[np.random.Generator, int], tuple[np.ndarray, np.ndarray, str, str]]
+    # None: examples read from files, not generated (LLaVA-format eval sets, llava_data.py)
+    make: Callable[[np.random.Generator, int], tuple[np.ndarray, np.ndarray, str, str]] | None = None
 
 
 @dataclass
@@ -92,10 +95,14 @@ class Split:
     benchmark: Benchmark
     images: np.ndarray  # [n, 3, S, S] float32
     questions: np.ndarray  # [n, Q] int64
-    answers: np.ndarray  # [n, G] int64 (last token is <eos>)
+    answers: np.ndarray  # [n, G] int64 (ends with <eos>; shorter answers right-padded with <eos>)
     # [n, len(LABEL_KINDS), S, S] uint8: what is drawn at each pixel (0 = background). Only
     # the vision tower's pretraining reads it (dense scene labels, never the question/answer).
     labels: np.ndarray | None = None
+    # The token ids that pad questions (on the left) and end answers: VOCAB's here, the
+    # checkpoint tokenizer's for LLaVA-format data.
+    pad_id: int = TOKEN_ID["<pad>"]
+    eos_id: int = EOS
 
     def __len__(self) -> int:
         return len(self.images)
@@ -218,12 +225,14 @@ def _reading(alphabet: str, length: int, word: str):
         left0 = (size - cell_w * length) // 2
         ink = 0.02 if rng.random() < 0.5 else 0.98
         for i, char in enumerate(text):
-            slack_x, slack_y = cell_w - 3 * scale, cell_h - 5 * scale
-            dx = int(rng.integers(0, slack_x + 1)) if slack_x > 0 else 0
-            dy = int(rng.integers(0, slack_y + 1)) if slack_y > 0 else 0
+            # jitter inside the cell, always leaving a 1-px gap to the next glyph
+            dx = int(rng.integers(0, max(1, cell_w - 3 * scale)))
+            dy = int(rng.integers(0, max(1, cell_h - 5 * scale)))
             _draw_text(image, labels, char, top + dy, left0 + i * cell_w + dx, scale, ink)
         position = int(rng.integers(length))
-        return image, labels, f"what is the {ORDINALS[position]} {word} ?", text[position].lower()
+        # The field's index is the question's last token, right where the answer is predicted:
+        # the query that looks the cell up is then that token itself.
+        return image, labels, f"what {word} is in box {NUMBER_WORDS[position]}", text[position].lower()
 
     return make
 

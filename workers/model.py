@@ -44,7 +44,10 @@ class TinyViT(nn.Module):
         dim = spec.hidden_size
         patchify = nn.Conv2d(spec.stem_channels or 3, dim, kernel_size=spec.patch_size, stride=spec.patch_size)
         if spec.stem_channels:
-            self.patch = nn.Sequential(nn.Conv2d(3, spec.stem_channels, 3, padding=1), nn.GELU(), patchify)
+            stem: list[nn.Module] = [nn.Conv2d(3, spec.stem_channels, 3, padding=1), nn.GELU()]
+            for _ in range(spec.stem_layers - 1):
+                stem += [nn.Conv2d(spec.stem_channels, spec.stem_channels, 3, padding=1), nn.GELU()]
+            self.patch = nn.Sequential(*stem, patchify)
         else:
             self.patch = patchify
         self.cls = nn.Parameter(torch.zeros(1, 1, dim))
@@ -77,7 +80,7 @@ _LABEL_CLASSES = (len(benchmarks.INK) + 1, len(benchmarks.SHAPES) + 1, len(bench
 
 
 def _pretrain_key(spec: VisionSpec, data_seed: int) -> str:
-    fields = {k: v for k, v in dataclasses.asdict(spec).items() if k != "path"}
+    fields = {k: v for k, v in dataclasses.asdict(spec).items() if k not in ("path", "freeze")}
     blob = json.dumps({"vision": fields, "data_seed": data_seed, "generator": benchmarks.GENERATOR_VERSION}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -132,37 +135,73 @@ def pretrained_tower(spec: VisionSpec, data_seed: int) -> dict[str, torch.Tensor
     if root is None:
         return pretrain_tower(spec, data_seed)[0]
     path = os.path.join(root, "towers", f"tinyvit-{_pretrain_key(spec, data_seed)}.pt")
+
+    def build():
+        state, info = pretrain_tower(spec, data_seed)
+        log.info("pretrained the vision tower in %.1fs (loss %.3f): %s", info["pretrain_seconds"], info["pretrain_loss"], path)
+        return state
+
+    return _locked_cache(path, build, lambda p: torch.load(p, map_location="cpu", weights_only=True), torch.save)
+
+
+def _locked_cache(path: str, build, load, save):
+    """`load(path)` if the file is there, else `build()`, written atomically with `save`;
+    an exclusive lock file keeps two concurrent trials from both building it."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     lock = None
     try:
         import fcntl
 
-        lock = open(path + ".lock", "w")  # noqa: SIM115 - held until the weights exist
+        lock = open(path + ".lock", "w")  # noqa: SIM115 - held until the file exists
         fcntl.flock(lock, fcntl.LOCK_EX)
     except (ImportError, OSError):
         lock = None
     try:
         if os.path.exists(path):
             try:
-                return torch.load(path, map_location="cpu", weights_only=True)
+                return load(path)
             except Exception:  # noqa: BLE001 - a corrupt file is rebuilt below
                 pass
-        state, info = pretrain_tower(spec, data_seed)
-        log.info("pretrained the vision tower in %.1fs (loss %.3f): %s", info["pretrain_seconds"], info["pretrain_loss"], path)
+        value = build()
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
-                torch.save(state, f)
+                save(value, f)
             os.replace(tmp, path)
         except OSError:
             pass
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-        return state
+        return value
     finally:
         if lock is not None:
             lock.close()
+
+
+@torch.no_grad()
+def encode_images(tower: nn.Module, images: np.ndarray, batch: int = 500) -> np.ndarray:
+    """Patch features [n, P, D] float32 of a frozen tower."""
+    was_training = tower.training
+    tower.eval()
+    out = [tower(torch.from_numpy(images[i : i + batch]))[1].float().numpy() for i in range(0, len(images), batch)]
+    tower.train(was_training)
+    return np.concatenate(out) if out else np.zeros((0, 0, 0), np.float32)
+
+
+def split_features(tower: nn.Module, spec: VisionSpec, data_seed: int, split: benchmarks.Split, tag: str) -> np.ndarray:
+    """A frozen tower's patch features of a whole split. For a pretrained tiny tower (a
+    deterministic function of (spec, data_seed)) they are cached on disk next to the tower,
+    keyed by the tower and the split (`tag`), so a grid encodes each image once."""
+    root = benchmarks.cache_dir()
+    if root is None or spec.path or spec.pretrain_steps <= 0:
+        return encode_images(tower, split.images)
+    path = os.path.join(root, "features", f"{_pretrain_key(spec, data_seed)}-{tag}.npy")
+
+    def save(value, f):
+        np.save(f, value.astype(np.float16))
+
+    return _locked_cache(path, lambda: encode_images(tower, split.images), lambda p: np.load(p).astype(np.float32), save)
 
 
 class CLIPTower(nn.Module):
@@ -172,7 +211,9 @@ class CLIPTower(nn.Module):
         super().__init__()
         from transformers import CLIPVisionModel
 
-        self.model = CLIPVisionModel.from_pretrained(path)
+        from .llava_data import local_dir  # s3:// checkpoints: fetched once into the local cache
+
+        self.model = CLIPVisionModel.from_pretrained(local_dir(path))
         self.hidden_size = self.model.config.hidden_size
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,7 +223,9 @@ class CLIPTower(nn.Module):
 
 def build_llm(spec: LLMSpec, vocab_size: int) -> Qwen2ForCausalLM:
     if spec.path:
-        return Qwen2ForCausalLM.from_pretrained(spec.path)
+        from .llava_data import local_dir  # s3:// checkpoints: fetched once into the local cache
+
+        return Qwen2ForCausalLM.from_pretrained(local_dir(spec.path))
     config = Qwen2Config(
         vocab_size=vocab_size,
         hidden_size=spec.hidden_size,
@@ -212,6 +255,8 @@ class VLM(nn.Module):
             self.vision = TinyViT(trial.vision)
             if trial.vision.pretrain_steps > 0:
                 self.vision.load_state_dict(pretrained_tower(trial.vision, trial.data.data_seed))
+        if trial.vision.frozen:
+            self.vision.requires_grad_(False)
         self.llm = build_llm(trial.llm, len(VOCAB))
         llm_dim = self.llm.config.hidden_size
         grid_tokens = trial.vision.grid_tokens
@@ -252,7 +297,8 @@ class VLM(nn.Module):
         """Returns (loss over answer tokens, logits at the answer positions [B, G, vocab])."""
         embed = self.llm.get_input_embeddings()
         question_embeds = embed(questions)
-        _, patches = self.vision(images)
+        # images [B, 3, S, S], or a frozen tower's precomputed patch features [B, P, D]
+        patches = images if images.dim() == 3 else self.vision(images)[1]
         query = self.query_embedding(question_embeds) if self.compressor.uses_query else None
         visual = self.compressor(patches, query)
         visual = self.visual_norm(visual.transpose(1, 2)).transpose(1, 2) + self.visual_position

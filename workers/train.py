@@ -7,8 +7,10 @@ set of trainable parameters changes. Rank 0 evaluates and returns one row per be
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+import socket
 import tempfile
 import time
 from collections.abc import Callable
@@ -20,31 +22,67 @@ import torch
 
 from tokenscale import code_version
 
-from .benchmarks import TOKEN_ID, Split, generate
-from .model import VLM
+from .benchmarks import Split, generate
+from .model import VLM, encode_images, split_features
 from .trial import TrialConfig
-
-PAD = TOKEN_ID["<pad>"]
 
 
 def _left_pad(split: Split, length: int) -> Split:
-    """Questions left-padded with <pad> to `length`, so the sequence is
+    """Questions left-padded with the split's pad id to `length`, so the sequence is
     [visual][pad..][question][answer]: the model learns to ignore the pads, and the question
-    ends right before the answer as before. Answers are one word + <eos> everywhere."""
+    ends right before the answer as before. Generated answers are one word + <eos>."""
     extra = length - split.questions.shape[1]
-    questions = np.pad(split.questions, ((0, 0), (extra, 0)), constant_values=PAD) if extra else split.questions
-    return Split(split.benchmark, split.images, questions, split.answers, split.labels)
+    questions = np.pad(split.questions, ((0, 0), (extra, 0)), constant_values=split.pad_id) if extra else split.questions
+    return dataclasses.replace(split, questions=questions)
 
 
 def load_splits(trial: TrialConfig) -> tuple[list[Split], list[Split]]:
     """Per-benchmark train and eval splits, questions left-padded to one common length so
     that a training batch can mix benchmarks (one benchmark per batch, round-robin, made
-    Adam chase the last task's answer prior and nothing was learned from the images)."""
+    Adam chase the last task's answer prior and nothing was learned from the images).
+    With `data.llava`, LLaVA-format files instead of the generated benchmarks."""
     data, size = trial.data, trial.vision.image_size
-    train = [generate(b, "train", data.train_examples, data.data_seed, size) for b in data.benchmarks]
-    evals = [generate(b, "eval", data.eval_examples, data.data_seed, size) for b in data.benchmarks]
+    if data.llava is not None:
+        from . import llava_data
+
+        train, evals = llava_data.load_splits(trial)
+    else:
+        train = [generate(b, "train", data.train_examples, data.data_seed, size) for b in data.benchmarks]
+        evals = [generate(b, "eval", data.eval_examples, data.data_seed, size) for b in data.benchmarks]
     length = max(s.questions.shape[1] for s in train + evals)
     return [_left_pad(s, length) for s in train], [_left_pad(s, length) for s in evals]
+
+
+def encode_splits(model: VLM, trial: TrialConfig, train: list[Split], evals: list[Split]) -> tuple[list[Split], list[Split]]:
+    """With a frozen tower (LLaVA keeps CLIP frozen) the images are replaced by their patch
+    features once, instead of re-encoding every image at every step."""
+    data, size = trial.data, trial.vision.image_size
+
+    def encode(split: Split, name: str, n: int) -> Split:
+        if data.llava is not None:  # files can change under the same path: no disk cache
+            features = encode_images(model.vision, split.images)
+        else:
+            tag = f"{split.benchmark.name}-{name}-n{n}-img{size}"
+            features = split_features(model.vision, trial.vision, data.data_seed, split, tag)
+        return dataclasses.replace(split, images=features, labels=None)
+
+    return (
+        [encode(s, "train", data.train_examples) for s in train],
+        [encode(s, "eval", data.eval_examples) for s in evals],
+    )
+
+
+def _check_token_ids(model: VLM, splits: list[Split]) -> None:
+    """A tokenizer whose ids outrun the LM's embedding table fails here, by name, instead
+    of as an index error deep inside the first step."""
+    vocab = model.llm.get_input_embeddings().num_embeddings
+    for split in splits:
+        top = int(max(split.questions.max(initial=0), split.answers.max(initial=0)))
+        if top >= vocab:
+            raise ValueError(
+                f"{split.benchmark.name}: token id {top} but the LM's embedding has {vocab} rows; "
+                "the tokenizer beside the LLM checkpoint does not belong to it"
+            )
 
 
 def deepspeed_config(trial: TrialConfig, lr: float, use_bf16: bool) -> dict[str, Any]:
@@ -90,12 +128,9 @@ def warmup_cosine(steps: int, warmup_fraction: float):
     return factor
 
 
-def run_stage(model: VLM, trial: TrialConfig, splits: list[Split], steps: int, lr: float, rng: np.random.Generator, device: torch.device, use_bf16: bool) -> float:
-    """Train the parameters that require grad for `steps` steps; returns the last mean loss.
-
-    Every batch mixes benchmarks: micro_batch examples drawn uniformly from all of them."""
-    if steps <= 0:
-        return float("nan")
+def stage_engine(model: VLM, trial: TrialConfig, steps: int, lr: float, use_bf16: bool):
+    """One stage's DeepSpeed engine over the parameters that require grad (AdamW, the
+    warmup-cosine schedule over `steps`)."""
     import deepspeed
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -106,27 +141,48 @@ def run_stage(model: VLM, trial: TrialConfig, splits: list[Split], steps: int, l
         config=deepspeed_config(trial, lr, use_bf16),
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
     )
-    dtype = torch.bfloat16 if use_bf16 else torch.float32
-    pool = Split(
+    return engine
+
+
+def pool_splits(splits: list[Split]) -> Split:
+    """All benchmarks' examples in one split, so that a batch mixes them."""
+    return Split(
         splits[0].benchmark,
         np.concatenate([s.images for s in splits]),
         np.concatenate([s.questions for s in splits]),
         np.concatenate([s.answers for s in splits]),
     )
+
+
+def stage_step(engine, pool: Split, index: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """One training step of the examples `index` of `pool`; returns the loss."""
+    loss, _ = engine(*_batch(pool, index, device, dtype))
+    engine.backward(loss)
+    engine.step()
+    return loss
+
+
+def run_stage(model: VLM, trial: TrialConfig, splits: list[Split], steps: int, lr: float, rng: np.random.Generator, device: torch.device, use_bf16: bool) -> float:
+    """Train the parameters that require grad for `steps` steps; returns the last mean loss.
+
+    Every batch mixes benchmarks: micro_batch examples drawn uniformly from all of them."""
+    if steps <= 0:
+        return float("nan")
+    engine = stage_engine(model, trial, steps, lr, use_bf16)
+    dtype = torch.bfloat16 if use_bf16 else torch.float32
+    pool = pool_splits(splits)
     losses: list[float] = []
     for _ in range(steps):
         index = rng.integers(0, len(pool), trial.train.micro_batch)
-        loss, _ = engine(*_batch(pool, index, device, dtype))
-        engine.backward(loss)
-        engine.step()
-        losses.append(loss.item())
+        losses.append(stage_step(engine, pool, index, device, dtype).item())
     return float(np.mean(losses[-10:]))
 
 
 @torch.no_grad()
 def evaluate(model: VLM, trial: TrialConfig, splits: list[Split], device: torch.device, dtype: torch.dtype) -> list[dict[str, Any]]:
-    """Exact match of the whole answer (teacher-forced argmax at every answer position is
-    exactly greedy decoding's success condition), one row per benchmark."""
+    """Exact match of the whole answer (teacher-forced argmax at every answer position up
+    to and including the first <eos> is exactly greedy decoding's success condition; the
+    <eos> padding after it does not count), one row per benchmark."""
     model.eval()
     n_params = model.llm_params
     rows = []
@@ -136,11 +192,15 @@ def evaluate(model: VLM, trial: TrialConfig, splits: list[Split], device: torch.
             index = np.arange(start, min(start + 256, len(split)))
             images, questions, answers = _batch(split, index, device, dtype)
             _, logits = model(images, questions, answers)
-            correct += int((logits.argmax(-1) == answers).all(dim=1).sum())
+            is_eos = answers == split.eos_id
+            after_eos = (is_eos.cumsum(1) - is_eos.long()) > 0
+            correct += int(((logits.argmax(-1) == answers) | after_eos).all(dim=1).sum())
         score = correct / len(split)
         # real question length: the left padding is a batching device, not part of the query
-        text_tokens = float((split.questions != PAD).sum(axis=1).mean())
-        generated = split.answers.shape[1]
+        text_tokens = float((split.questions != split.pad_id).sum(axis=1).mean())
+        # real answer length: up to and including the first <eos> (a cut answer has none)
+        before_eos = (np.cumsum(split.answers == split.eos_id, axis=1) == 0).sum(axis=1)
+        generated = float(np.minimum(before_eos + 1, split.answers.shape[1]).mean())
         rows.append(
             {
                 "benchmark": split.benchmark.name,
@@ -150,7 +210,7 @@ def evaluate(model: VLM, trial: TrialConfig, splits: list[Split], device: torch.
                 "chance": split.benchmark.chance,
                 "n_examples": len(split),
                 "text_tokens_mean": float(text_tokens),
-                "generated_tokens": int(generated),
+                "generated_tokens": round(generated),
                 "inference_flops": 2.0 * n_params * (text_tokens + trial.visual_tokens + generated),
             }
         )
@@ -180,6 +240,9 @@ def train_and_evaluate(
     rng = np.random.default_rng([trial.seed, rank])
     train_splits, eval_splits = load_splits(trial)
     model = VLM(trial).to(device)
+    _check_token_ids(model, train_splits + eval_splits)
+    if trial.vision.frozen:
+        train_splits, eval_splits = encode_splits(model, trial, train_splits, eval_splits)
 
     started = time.perf_counter()
     stage1_file = os.path.join(checkpoint_dir, STAGE1_FILE) if checkpoint_dir else None
@@ -228,30 +291,61 @@ def train_and_evaluate(
     return metrics
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Entry point for Ray Train's TorchTrainer (torch.distributed already set up by Ray).
+def single_process_group(backend: str) -> None:
+    """A torch.distributed world of one, on loopback, for DeepSpeed. Ray Train's worker
+    group sets one up; training inside the Tune trial (`execution: in_trial`) needs its
+    own. Kept for the process's next trial, which Tune runs in the same process."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # the torch launcher's variables: DeepSpeed reads LOCAL_RANK itself
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group(backend, init_method="env://", rank=0, world_size=1)
+
+
+def ray_train_report(metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
+    import ray.train
+
+    checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+    ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def train_loop_per_worker(
+    config: dict[str, Any],
+    report: Callable[..., None] = ray_train_report,
+    get_checkpoint: Callable[[], Any] | None = None,
+    rank: int | None = None,
+) -> None:
+    """One trial's training on one worker: in a Ray Train worker group by default, or,
+    given `report(metrics, checkpoint_dir)`, `get_checkpoint()` and `rank`, anywhere else
+    (the driver's in-trial mode passes Tune's).
 
     Rank 0 writes the trial's rows to the store itself: one object, one PUT, keyed by the
-    config hash. Only small scalar metrics go back through Ray."""
+    config hash. Only small scalar metrics go back through Ray; a retried trial gets its
+    stage-1 checkpoint back from `get_checkpoint()` and skips stage 1."""
     import ray.train
 
     from tokenscale.store import Store
 
+    get_checkpoint = get_checkpoint or ray.train.get_checkpoint
+    if rank is None:
+        rank = ray.train.get_context().get_world_rank()
     torch.set_num_threads(int(config.get("threads_per_worker", 1)))
-    rank = ray.train.get_context().get_world_rank()
+    single_process_group(config.get("backend", "gloo"))
     trial = TrialConfig.from_dict(config["trial"])
 
     def checkpoint_stage1(model: VLM, loss: float) -> None:
-        # Ray Train persists it to the trial's storage (beside the results in the store);
-        # a restarted worker group gets it back from get_checkpoint() and skips stage 1.
+        # Ray persists it to the trial's storage (beside the results in the store).
         with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
             if rank == 0:
                 torch.save({"model": model.state_dict(), "stage1_loss": loss}, os.path.join(tmp, STAGE1_FILE))
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report({"stage": 1, "stage1_loss": loss}, checkpoint=checkpoint)
+            report({"stage": 1, "stage1_loss": loss}, tmp if rank == 0 else None)
 
-    previous = ray.train.get_checkpoint()
+    previous = get_checkpoint()
     if previous is not None:
         with previous.as_directory() as checkpoint_dir:
             metrics = train_and_evaluate(trial, rank, checkpoint_dir, checkpoint_stage1)
@@ -270,4 +364,4 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics["startup_seconds"] = timing["entered"] - timing["trial_started"]
         metrics["import_seconds"] = timing["imported"] - timing["entered"]
         metrics["worker_seconds"] = time.time() - timing["imported"]
-    ray.train.report(metrics)
+    report(metrics)

@@ -39,6 +39,7 @@ class VisionSpec:
     layers: int = 2
     heads: int = 4
     stem_channels: int = 0  # > 0: a 3x3 conv stem of this width before the patchify conv
+    stem_layers: int = 1  # 3x3 convs in that stem
     mlp_ratio: int = 2
     token_norm: str = "batch"  # "batch": BatchNorm over the visual tokens' features; "none"
     # Tiny tower pretraining on dense scene labels (once per spec, cached; 0 = random init)
@@ -46,7 +47,15 @@ class VisionSpec:
     pretrain_batch: int = 64
     pretrain_lr: float = 3e-3
     pretrain_examples: int = 2000  # per benchmark, from the "pretrain" split
+    # Frozen tower, as in LLaVA (CLIP is never trained): patch features are then computed
+    # once per split (cached on disk for a pretrained tower) and trials train only the
+    # compressor + LM. None = frozen when pretrained or loaded from `path`, else trained.
+    freeze: bool | None = None
     path: str | None = None
+
+    @property
+    def frozen(self) -> bool:
+        return self.freeze if self.freeze is not None else bool(self.path or self.pretrain_steps > 0)
 
     @property
     def grid_tokens(self) -> int:
@@ -67,11 +76,36 @@ class TrainSpec:
 
 
 @dataclass(frozen=True)
+class LlavaEvalSpec:
+    """One eval set in LLaVA format, scored by exact match like the generated benchmarks."""
+
+    name: str
+    task_family: str  # reasoning | ocr: which law its error goes into
+    path: str  # the JSON (local or s3://)
+    image_folder: str | None = None  # default: the training data's image_folder
+    chance: float = 0.0  # expected score of guessing, reported beside the score
+
+
+@dataclass(frozen=True)
+class LlavaSpec:
+    """LLaVA-format data (JSON conversations + an image folder, local or s3://), tokenized
+    with the LLM checkpoint's tokenizer; see workers/llava_data.py."""
+
+    train: str
+    image_folder: str
+    eval: tuple[LlavaEvalSpec, ...] = ()
+    max_question_tokens: int = 128  # longer questions keep their first tokens
+    max_answer_tokens: int = 64  # answer + <eos>, cut to this many tokens
+
+
+@dataclass(frozen=True)
 class DataSpec:
     benchmarks: tuple[str, ...] = ("color", "shape", "count", "digits", "letters")
     train_examples: int = 2000
     eval_examples: int = 200
     data_seed: int = 1234  # the benchmark set; trial `seed` only changes init and order
+    # LLaVA-format data instead of the generated benchmarks (which are then not used)
+    llava: LlavaSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -101,13 +135,20 @@ class TrialConfig:
                 value = dict(value)
                 if f.name == "data" and "benchmarks" in value:
                     value["benchmarks"] = tuple(value["benchmarks"])
+                if f.name == "data" and isinstance(value.get("llava"), dict):
+                    llava = dict(value["llava"])
+                    llava["eval"] = tuple(LlavaEvalSpec(**e) for e in llava.get("eval", ()))
+                    value["llava"] = LlavaSpec(**llava)
                 value = nested[f.name](**value)
             kwargs[f.name] = value
         return cls(**kwargs)
 
     @property
     def config_hash(self) -> str:
-        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), default=str)
+        raw = self.to_dict()
+        if raw["data"]["llava"] is None:
+            del raw["data"]["llava"]  # hashes of grids from before the field stay the same
+        canonical = json.dumps(raw, sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
     @property
