@@ -4,8 +4,8 @@
     .venv/bin/python benchmarks/bench_throughput.py --quick          # a smoke run: 3 timed steps each
     .venv/bin/python benchmarks/bench_throughput.py --part gpu --seq-len 2048 --micro-batch 8
 
-CPU part. For each LLM x V of a grid YAML (default configs/demo_proposed.yaml, else
-configs/demo.yaml; one compressor, the grid's first unless --compressor), the trial's VLM
+CPU part. For each LLM x V of a grid YAML (default configs/demo.yaml; one
+compressor, the grid's first unless --compressor), the trial's VLM
 is built as a trial builds it (TrialConfig from the grid, pretrained/frozen tower and its
 cached patch features, micro-batch and stage-2 LR from the grid) and stage-2 steps run
 through the very code a trial runs (workers/train.py: stage_engine, pool_splits,
@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_GRID = REPO / "configs" / ("demo_proposed.yaml" if (REPO / "configs" / "demo_proposed.yaml").exists() else "demo.yaml")
+DEFAULT_GRID = REPO / "configs" / "demo.yaml"
 
 # Qwen2-0.5B, from its config.json (huggingface.co/Qwen/Qwen2-0.5B/blob/main/config.json):
 # hidden 896, 24 layers, 14 heads (head dim 64), 2 KV heads, MLP 4864, vocab 151936, tied

@@ -369,6 +369,14 @@ def check_number(name: str, value: Any, *, low: float, high: float, low_inclusiv
     return x
 
 
+def _check_token_counts(text_tokens: float, generated_tokens: float) -> tuple[float, float]:
+    text_tokens = check_number("text_tokens", text_tokens, low=0.0, high=MAX_TOKENS, low_inclusive=True,
+                               example="the query's text tokens, 0 for a cached query")
+    generated_tokens = check_number("generated_tokens", generated_tokens, low=0.0, high=MAX_TOKENS,
+                                    low_inclusive=True, example="tokens generated per answer, default 0")
+    return text_tokens, generated_tokens
+
+
 class Advisor:
     """Answers from one snapshot; immutable, so the app swaps a new one in atomically."""
 
@@ -427,10 +435,7 @@ class Advisor:
         prediction's CI and the continuous optimum (V*, N*) at this budget."""
         flops = check_number("flops", flops, low=0.0, high=MAX_FLOPS, low_inclusive=False,
                              example="the inference budget per query in FLOPs, e.g. 2e12")
-        text_tokens = check_number("text_tokens", text_tokens, low=0.0, high=MAX_TOKENS, low_inclusive=True,
-                                   example="the query's text tokens, 0 for a cached query")
-        generated_tokens = check_number("generated_tokens", generated_tokens, low=0.0, high=MAX_TOKENS,
-                                        low_inclusive=True, example="tokens generated per answer, default 0")
+        text_tokens, generated_tokens = _check_token_counts(text_tokens, generated_tokens)
         opts = self._options_for(task, compressor, form)
         q = text_tokens + generated_tokens
         costs = 2.0 * opts.llm_params * (q + opts.visual_tokens)
@@ -459,10 +464,7 @@ class Advisor:
     ) -> dict:
         """The Pareto frontier of the candidates (`fitting.frontier.frontier`), cheapest
         first, each point with its prediction CI and the continuous optimum at its cost."""
-        text_tokens = check_number("text_tokens", text_tokens, low=0.0, high=MAX_TOKENS, low_inclusive=True,
-                                   example="the query's text tokens, 0 for a cached query")
-        generated_tokens = check_number("generated_tokens", generated_tokens, low=0.0, high=MAX_TOKENS,
-                                        low_inclusive=True, example="tokens generated per answer, default 0")
+        text_tokens, generated_tokens = _check_token_counts(text_tokens, generated_tokens)
         opts = self._options_for(task, compressor, form)
         q = text_tokens + generated_tokens
         points = [

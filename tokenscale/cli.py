@@ -207,6 +207,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if summary.errored:
         raise CLIError(f"{summary.errored} trial(s) errored; see the Tune table above")
 
+    # Is there anything to fit? Every trial should beat guessing on every benchmark.
+    _, margins = query(
+        store,
+        "select benchmark, count(*), min(score - chance), arg_min(llm || ' V=' || visual_tokens || ' ' || compressor, score - chance), "
+        f"avg(score), any_value(chance) from results where grid = '{grid.name}' group by 1 order by 1",
+    )
+    print("  score above chance, per benchmark over all trials (min margin at which trial):")
+    for benchmark, trials, margin, where, mean, chance in margins:
+        print(f"  {benchmark:>10}: {trials} trials, mean {mean:.3f} vs chance {chance:.3f}, min margin {margin:+.3f} ({where})")
+
     print("[2/4] fitting scaling laws", flush=True)
     rows, skipped = fit_grid(store, grid.name)
     for r in rows:
@@ -219,7 +229,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             if max(r["alpha"], r["beta"]) < 1e-3:
                 verdict = "no measurable trend in N or V (flat errors: the law says nothing here)"
             elif r["alpha"] > r["beta"]:
-                verdict = "LLM size matters more (alpha > beta); cached-query optimum V* = the smallest budget"
+                ratio = f"alpha/beta = {r['alpha'] / r['beta']:.1f}" if r["beta"] > 1e-3 else "beta ~ 0"
+                verdict = f"LLM size matters more (alpha > beta, {ratio}); cached-query optimum V* = the smallest budget"
             else:
                 verdict = "tokens matter more (beta >= alpha); cached-query optimum V* = the largest budget"
             print(f"  {'':>10} {'':>16} {'':>8}  -> {verdict}")
