@@ -34,7 +34,6 @@ import argparse
 import json
 import logging
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -103,21 +102,6 @@ def quiet_deepspeed() -> None:
     from deepspeed.utils import logger
 
     logger.setLevel(logging.WARNING)
-
-
-def world_of_one(backend: str) -> None:
-    """The torch.distributed world of one that DeepSpeed needs, on loopback (and the
-    launcher's variables it checks for, as Ray Train sets them)."""
-    import torch.distributed as dist
-
-    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}.items():
-        os.environ.setdefault(key, value)
-    if dist.is_initialized():
-        return
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 
 
 def timed(step, warmup: int, steps: int, sync=lambda: None, others=()):
@@ -207,11 +191,16 @@ def cpu_part(args: argparse.Namespace) -> list[dict]:
     import deepspeed  # noqa: F401 - imported (and its logger quieted) before the first engine
 
     from tokenscale.workers.model import VLM
-    from tokenscale.workers.train import encode_splits, load_splits, pool_splits
+    from tokenscale.workers.train import (
+        encode_splits,
+        load_splits,
+        pool_splits,
+        single_process_group,
+    )
 
     quiet_deepspeed()
     torch.set_num_threads(args.threads)
-    world_of_one("gloo")
+    single_process_group("gloo")
     steps = args.steps or 30
     warmup = 3 if args.warmup is None else args.warmup
     device = torch.device("cpu")
@@ -379,7 +368,9 @@ def gpu_part(args: argparse.Namespace) -> dict:
     quiet_deepspeed()
     name = torch.cuda.get_device_name(0)
     torch.cuda.set_device(0)
-    world_of_one("nccl")
+    from tokenscale.workers.train import single_process_group
+
+    single_process_group("nccl")
     steps = args.steps or 20
     warmup = 5 if args.warmup is None else args.warmup
     print(

@@ -1,4 +1,6 @@
-"""The Ray Tune driver: one Tune trial per grid point, each a Ray Train TorchTrainer.
+"""The Ray Tune driver: one Tune trial per grid point, each a Ray Train TorchTrainer
+worker group (`execution: workers`) or, for one CPU-only worker, the same train loop in
+the Tune trial's own reused process (`execution: in_trial`).
 
 A trial whose result object is already in the store is never started (exactly-once on
 rerun); the trial function writes its rows with one PUT keyed by the config hash, so a
@@ -148,7 +150,7 @@ class GridSummary:
         )
 
 
-def init_ray() -> None:
+def init_ray(spare_cpu: bool = True) -> None:
     """Join the cluster when there is one (`ray job submit` sets RAY_ADDRESS), else start
     a local Ray bound to loopback."""
     if ray.is_initialized():
@@ -157,11 +159,13 @@ def init_ray() -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
     else:
-        # One logical CPU more than the machine has: each Tune trial process holds 0.01 CPU
-        # while it waits on its trainer, and without the spare unit two such slivers leave
-        # 1.98 CPUs, so the second 1-CPU Train worker would wait for the first trial to end.
+        # spare_cpu: one logical CPU more than the machine has, for trials that train in a
+        # worker group: each Tune trial process holds 0.01 CPU while it waits on it, and
+        # without the spare unit two such slivers leave 1.98 CPUs, so the second 1-CPU
+        # worker would wait for the first trial to end. In-trial trials hold a whole CPU
+        # each and need no spare (it would let one more trial train than there are cores).
         ray.init(
-            num_cpus=(os.cpu_count() or 1) + 1,
+            num_cpus=(os.cpu_count() or 1) + int(spare_cpu),
             include_dashboard=False,
             log_to_driver=True,
             _node_ip_address="127.0.0.1",
@@ -215,6 +219,10 @@ def _tuner_args(grid: Grid, store: Store, ray_root: str, verbose: int) -> tuple[
     return trainable, run_config
 
 
+def _uses_worker_groups(grid: Grid, trials: list[TrialConfig]) -> bool:
+    return any(grid.resources.for_llm(t.llm)["execution"] == "workers" for t in trials)
+
+
 def run_grid(grid: Grid, store: Store, verbose: int = 1, ray_storage_uri: str | None = None) -> GridSummary:
     """Run every trial of `grid` whose result is not in `store` yet.
 
@@ -227,7 +235,7 @@ def run_grid(grid: Grid, store: Store, verbose: int = 1, ray_storage_uri: str | 
     summary = GridSummary(grid.name, len(trials), len(trials) - len(pending), 0, 0, 0.0, store.results_glob(grid.name))
     save_grid(grid, store)
     if pending:
-        init_ray()
+        init_ray(spare_cpu=_uses_worker_groups(grid, pending))
         trainable, run_config = _tuner_args(grid, store, ray_root, verbose)
         tuner = tune.Tuner(
             trainable,
@@ -261,7 +269,9 @@ def run_grid(grid: Grid, store: Store, verbose: int = 1, ray_storage_uri: str | 
 def _collect(results: Any, summary: GridSummary) -> None:
     summary.trial_metrics = [dict(r.metrics or {}) for r in results]
     summary.errored = sum(1 for r in results if r.error is not None)
-    summary.finished = sum(1 for r in results if r.error is None and not (r.metrics or {}).get("skipped"))
+    # every trial Tune ran was missing from the store when the grid started; one that found
+    # its result on a retry (it died after its write) finished in this run all the same
+    summary.finished = sum(1 for r in results if r.error is None)
 
 
 def resume_grid(store: Store, name: str, verbose: int = 1, ray_storage_uri: str | None = None) -> GridSummary:
@@ -282,7 +292,7 @@ def resume_grid(store: Store, name: str, verbose: int = 1, ray_storage_uri: str 
     missing = [t for t in trials if not store.has_result(t.grid, t.compressor, t.config_hash)]
     summary = GridSummary(grid.name, len(trials), len(trials) - len(missing), 0, 0, 0.0, store.results_glob(grid.name))
     if missing:
-        init_ray()
+        init_ray(spare_cpu=_uses_worker_groups(grid, missing))
         trainable, _ = _tuner_args(grid, store, ray_root, verbose)
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs)
         _collect(tuner.fit(), summary)

@@ -264,6 +264,8 @@ def _check(grid: Grid) -> None:
         )
     elif vision.hidden_size % vision.heads:
         raise GridError(f"vision.heads: {vision.heads} must divide vision.hidden_size ({vision.hidden_size})")
+    elif vision.stem_layers < 1:
+        raise GridError(f"vision.stem_layers: must be >= 1, got {vision.stem_layers} (set stem_channels: 0 for no stem)")
     for i, band in enumerate(grid.resources.bands):
         for name in band.llms:
             if name not in names:

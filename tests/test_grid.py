@@ -84,6 +84,7 @@ def test_config_hash_is_stable_and_sensitive():
         ({"resources": {"bands": [{"max_params": 10}, {"max_params": 5}]}}, "must increase"),
         ({"seeds": [0.5]}, "seeds[0]: expected an integer"),
         ({"resources": {"execution": "threads"}}, "resources.execution"),
+        ({"vision": {"image_size": 16, "patch_size": 4, "stem_layers": 0}}, "vision.stem_layers"),
         ({"resources": {"workers": 2, "execution": "in_trial"}}, "resources.workers: in_trial runs one process"),
     ],
 )

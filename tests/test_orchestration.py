@@ -76,7 +76,7 @@ def test_killed_train_worker_restarts_and_trial_completes(tmp_path, execution, m
         thread.join(timeout=5)
     finally:
         ray.shutdown()
-    assert killed, "the Train worker was never seen, so nothing was killed"
+    assert killed, f"the training process ({marker}) was never seen, so nothing was killed"
     assert summary.errored == 0 and summary.finished == 1, summary
     assert summary.trial_metrics[0]["resumed_from_stage"] == 1, "the restarted worker continued from stage 1's checkpoint"
     _, rows = query(store, "select count(*), count(distinct config_hash) from results")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,6 +130,9 @@ def resolve_store(uri: str | None) -> str:
     return str(Path(uri).expanduser().resolve())
 
 
+_CLIENT_LOCK = threading.Lock()
+
+
 def s3_endpoint() -> str | None:
     """The S3 endpoint from the usual AWS environment (None = AWS itself)."""
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
@@ -188,7 +192,8 @@ class Store:
         config = Config(
             retries={"max_attempts": S3_ATTEMPTS, "mode": "standard"}, connect_timeout=3, read_timeout=30
         )
-        return boto3.client("s3", endpoint_url=s3_endpoint(), config=config)
+        with _CLIENT_LOCK:  # boto3's default session is not thread-safe; its clients are
+            return boto3.client("s3", endpoint_url=s3_endpoint(), config=config)
 
     @staticmethod
     def _split(key: str) -> tuple[str, str]:

@@ -56,7 +56,10 @@ def _s3_cache() -> str:
 
 
 def local_file(uri: str) -> str:
-    """A local path for `uri`: itself, or for s3:// a cached download (one GET, then kept)."""
+    """A local path for `uri`: itself, or for s3:// a cached download (one GET, then kept).
+
+    The cache is keyed by the object's key alone: s3:// data and checkpoints are taken as
+    immutable (write a changed dataset under a new prefix, or clear the cache)."""
     if not uri.startswith("s3://"):
         return uri
     path = os.path.join(_s3_cache(), uri[len("s3://") :])
@@ -64,9 +67,13 @@ def local_file(uri: str) -> str:
         data = Store(uri).get_bytes(uri)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)  # atomic: a concurrent reader never sees a partial file
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)  # atomic: a concurrent reader never sees a partial file
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     return path
 
 

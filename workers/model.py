@@ -181,10 +181,14 @@ def _locked_cache(path: str, build, load, save):
 
 @torch.no_grad()
 def encode_images(tower: nn.Module, images: np.ndarray, batch: int = 500) -> np.ndarray:
-    """Patch features [n, P, D] float32 of a frozen tower."""
+    """Patch features [n, P, D] float32 of a frozen tower (on whatever device it lives)."""
     was_training = tower.training
     tower.eval()
-    out = [tower(torch.from_numpy(images[i : i + batch]))[1].float().numpy() for i in range(0, len(images), batch)]
+    device = next(tower.parameters()).device
+    out = [
+        tower(torch.from_numpy(images[i : i + batch]).to(device))[1].float().cpu().numpy()
+        for i in range(0, len(images), batch)
+    ]
     tower.train(was_training)
     return np.concatenate(out) if out else np.zeros((0, 0, 0), np.float32)
 
@@ -198,10 +202,12 @@ def split_features(tower: nn.Module, spec: VisionSpec, data_seed: int, split: be
         return encode_images(tower, split.images)
     path = os.path.join(root, "features", f"{_pretrain_key(spec, data_seed)}-{tag}.npy")
 
-    def save(value, f):
-        np.save(f, value.astype(np.float16))
+    def build() -> np.ndarray:
+        # stored as float16: the trial that builds the file trains on the same rounded
+        # features as every trial that reads it (results must not depend on a warm cache)
+        return encode_images(tower, split.images).astype(np.float16).astype(np.float32)
 
-    return _locked_cache(path, lambda: encode_images(tower, split.images), lambda p: np.load(p).astype(np.float32), save)
+    return _locked_cache(path, build, lambda p: np.load(p).astype(np.float32), lambda value, f: np.save(f, value.astype(np.float16)))
 
 
 class CLIPTower(nn.Module):

@@ -1,7 +1,8 @@
-"""The train loop one Ray Train worker runs: two LLaVA stages under DeepSpeed, then eval.
+"""The train loop of one worker (a Ray Train worker, or the Tune trial's process in-trial):
+two LLaVA stages under DeepSpeed, then eval.
 
-Stage 1 trains the compressor (and the tiny vision tower) with the LM frozen; stage 2
-trains compressor + LM (+ tiny tower). Each stage is its own DeepSpeed engine, because the
+Stage 1 trains the compressor (and a tiny vision tower that is not frozen) with the LM
+frozen; stage 2 trains compressor + LM (+ that tower). Each stage is its own DeepSpeed engine, because the
 set of trainable parameters changes. Rank 0 evaluates and returns one row per benchmark.
 """
 
@@ -10,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import socket
 import tempfile
 import time
 from collections.abc import Callable
@@ -175,6 +175,9 @@ def run_stage(model: VLM, trial: TrialConfig, splits: list[Split], steps: int, l
     for _ in range(steps):
         index = rng.integers(0, len(pool), trial.train.micro_batch)
         losses.append(stage_step(engine, pool, index, device, dtype).item())
+    # release the engine's hooks and optimizer state now: the next stage builds its own, and
+    # an in-trial process runs many trials one after another
+    engine.destroy()
     return float(np.mean(losses[-10:]))
 
 
@@ -298,13 +301,13 @@ def single_process_group(backend: str) -> None:
     import torch.distributed as dist
 
     if dist.is_initialized():
+        if dist.get_backend() != backend:
+            raise RuntimeError(f"torch.distributed already runs {dist.get_backend()!r} in this process, not {backend!r}")
         return
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    # the torch launcher's variables: DeepSpeed reads LOCAL_RANK itself
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group(backend, init_method="env://", rank=0, world_size=1)
+    # the torch launcher's variables (DeepSpeed reads LOCAL_RANK itself); an in-memory
+    # store: a world of one needs no rendezvous, so no port is opened
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
 def ray_train_report(metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:

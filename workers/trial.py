@@ -147,7 +147,7 @@ class TrialConfig:
     def config_hash(self) -> str:
         raw = self.to_dict()
         if raw["data"]["llava"] is None:
-            del raw["data"]["llava"]  # hashes of grids from before the field stay the same
+            del raw["data"]["llava"]  # a grid without LLaVA data hashes as it did before the field
         canonical = json.dumps(raw, sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
