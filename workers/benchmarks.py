@@ -28,7 +28,7 @@ import numpy as np
 
 # Bump whenever rendering, questions or answers change, or a benchmark is added (the tower
 # pretrains on all of them): old cache files are then ignored.
-GENERATOR_VERSION = 6
+GENERATOR_VERSION = 5
 
 COLORS = {
     "red": (0.9, 0.1, 0.1),
@@ -188,25 +188,6 @@ def _count(rng: np.random.Generator, size: int):
     return image, labels, "how many shapes are there ?", NUMBER_WORDS[count - 1]
 
 
-def _color_count(rng: np.random.Generator, size: int):
-    """Squares of mixed colors, one per quadrant; how many are of the asked color? The
-    answer binds a word of the question to a count over the image: the LM has to combine
-    the two, where `color` and `count` only read one property off the image."""
-    image, labels = _canvas(rng, size)
-    palette = [str(c) for c in rng.choice(list(COLORS), 2, replace=False)]
-    asked = palette[0]
-    count = int(rng.integers(1, len(NUMBER_WORDS) + 1))  # of the asked color: uniform answers
-    quadrants = rng.permutation(4)[: int(rng.integers(count, 5))]  # the rest: the other color
-    cell = size // 2
-    for i, quadrant in enumerate(quadrants):
-        oy, ox = (quadrant // 2) * cell, (quadrant % 2) * cell
-        radius = max(2, cell // 5)
-        cy, cx = rng.integers(radius + 1, cell - radius - 1, 2)
-        color = asked if i < count else palette[1]
-        _paint(image, labels, _shape_mask("square", size, oy + cy, ox + cx, radius), color, "square")
-    return image, labels, f"how many {asked} shapes are there ?", NUMBER_WORDS[count - 1]
-
-
 def _spatial(rng: np.random.Generator, size: int):
     """One shape, wholly in the left or the right half: which side is it on?"""
     image, labels = _canvas(rng, size)
@@ -263,7 +244,6 @@ BENCHMARKS: dict[str, Benchmark] = {
         Benchmark("color", "reasoning", 1 / len(COLORS), _color),
         Benchmark("shape", "reasoning", 1 / len(SHAPES), _shape),
         Benchmark("count", "reasoning", 1 / len(NUMBER_WORDS), _count),
-        Benchmark("color_count", "reasoning", 1 / len(NUMBER_WORDS), _color_count),
         Benchmark("spatial", "reasoning", 1 / 2, _spatial),
         Benchmark("digits", "ocr", 1 / 10, _reading("0123456789", 3, "digit")),
         Benchmark("letters", "ocr", 1 / len(LETTERS), _reading(LETTERS, 3, "letter")),
