@@ -18,10 +18,12 @@ from __future__ import annotations
 import io
 import os
 import re
+import tempfile
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import urlparse
 
 import pyarrow as pa
@@ -133,6 +135,21 @@ def resolve_store(uri: str | None) -> str:
 _CLIENT_LOCK = threading.Lock()
 
 
+def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
+    """`write(file)` into a temp file beside `path`, then rename it over `path`: readers see
+    the old file or the new one, never a partial one; a failed write leaves nothing behind."""
+    folder = os.path.dirname(os.fspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def s3_endpoint() -> str | None:
     """The S3 endpoint from the usual AWS environment (None = AWS itself)."""
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
@@ -215,11 +232,7 @@ class Store:
                     "written; once the store is reachable, `tokenscale resume` redoes it"
                 ) from None
             return
-        path = Path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)  # atomic: readers see the old object or the new one
+        write_atomically(key, lambda f: f.write(data))  # readers see the old object or the new one
 
     def get_bytes(self, key: str) -> bytes:
         if self.is_s3:

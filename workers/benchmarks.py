@@ -19,12 +19,13 @@ image size, GENERATOR_VERSION) and written atomically.
 from __future__ import annotations
 
 import os
-import tempfile
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+
+from tokenscale.store import write_atomically
 
 # Bump whenever rendering, questions or answers change, or a benchmark is added (the tower
 # pretrains on all of them): old cache files are then ignored.
@@ -278,17 +279,8 @@ def _load_cached(path: str, bench: Benchmark) -> Split | None:
 
 
 def _store_cached(path: str, **arrays: np.ndarray) -> None:
-    """Write to a temp file in the same folder, then rename: readers never see a partial file."""
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp.npz")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        write_atomically(path, lambda f: np.savez(f, **arrays))
     except OSError:
         pass  # a read-only or full disk only costs regeneration next time
 

@@ -37,7 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from tokenscale.store import Store
+from tokenscale.store import Store, write_atomically
 
 from .benchmarks import Benchmark, Split, cache_dir
 from .trial import LlavaSpec, TrialConfig, VisionSpec
@@ -65,15 +65,7 @@ def local_file(uri: str) -> str:
     path = os.path.join(_s3_cache(), uri[len("s3://") :])
     if not os.path.exists(path):
         data = Store(uri).get_bytes(uri)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)  # atomic: a concurrent reader never sees a partial file
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        write_atomically(path, lambda f: f.write(data))  # a concurrent reader never sees a partial file
     return path
 
 

@@ -13,7 +13,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 
 import numpy as np
@@ -23,6 +22,7 @@ from torch.nn import functional as F
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from tokenscale import compressors
+from tokenscale.store import write_atomically
 
 from . import benchmarks
 from .benchmarks import VOCAB
@@ -163,16 +163,10 @@ def _locked_cache(path: str, build, load, save):
             except Exception:  # noqa: BLE001 - a corrupt file is rebuilt below
                 pass
         value = build()
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
         try:
-            with os.fdopen(fd, "wb") as f:
-                save(value, f)
-            os.replace(tmp, path)
+            write_atomically(path, lambda f: save(value, f))
         except OSError:
-            pass
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            pass  # a read-only or full disk only costs rebuilding next time
         return value
     finally:
         if lock is not None:
