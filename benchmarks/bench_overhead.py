@@ -35,9 +35,10 @@ def main() -> None:
     parser.add_argument("--execution", nargs="+", default=["workers", "in_trial"], choices=["workers", "in_trial"],
                         help="resources.execution modes to run one after the other (the first is the baseline)")
     args = parser.parse_args()
+    grid = load_grid(args.config)
     init_ray()
     for execution in args.execution:
-        run(load_grid(args.config), args.trials, execution)
+        run(grid, args.trials, execution)
     ray.shutdown()
 
 

@@ -57,14 +57,15 @@ def _tune_trial_name(trial) -> str:
     return point_name(trial.config["point"])
 
 
-def train_loop(config: dict[str, Any]) -> None:
-    """Runs in each Ray Train worker. The import is deferred so that the Tune trial process,
-    which only waits on its worker group, never pays for importing torch/DeepSpeed."""
+def train_loop(config: dict[str, Any], **hooks: Any) -> None:
+    """Runs in each Ray Train worker (or in-trial, with Tune's `hooks`). The import is
+    deferred so that a Tune trial process that only waits on its worker group never pays
+    for importing torch/DeepSpeed."""
     entered = time.time()
     from tokenscale.workers.train import train_loop_per_worker
 
     timing = {"trial_started": config["trial_started"], "entered": entered, "imported": time.time()}
-    train_loop_per_worker({**config, "timing": timing})
+    train_loop_per_worker({**config, "timing": timing}, **hooks)
 
 
 def _tune_report(metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
@@ -76,11 +77,7 @@ def train_in_trial(config: dict[str, Any]) -> None:
     process, which Tune reuses for the next trial (reuse_actors): no worker group to start,
     no imports to repeat. Tune persists the stage-1 checkpoint with the trial and hands it
     back to a retried trial; Tune's FailureConfig bounds the retries."""
-    entered = time.time()
-    from tokenscale.workers.train import train_loop_per_worker
-
-    timing = {"trial_started": config["trial_started"], "entered": entered, "imported": time.time()}
-    train_loop_per_worker({**config, "timing": timing}, report=_tune_report, get_checkpoint=tune.get_checkpoint, rank=0)
+    train_loop(config, report=_tune_report, get_checkpoint=tune.get_checkpoint, rank=0)
 
 
 def run_trial(config: dict[str, Any]) -> None:
@@ -92,10 +89,6 @@ def run_trial(config: dict[str, Any]) -> None:
         tune.report({"mean_score": float("nan"), "skipped": True})
         return
     resources = config["point"]["resources"]
-    use_gpu = resources["gpus_per_worker"] > 0
-    per_worker = {"CPU": resources["cpus_per_worker"]}
-    if use_gpu:
-        per_worker["GPU"] = resources["gpus_per_worker"]
     loop_config = {
         "trial": config["point"]["trial"],
         "config_hash": config_hash,
@@ -114,8 +107,8 @@ def run_trial(config: dict[str, Any]) -> None:
             torch_config=TorchConfig(backend=resources["backend"]),
             scaling_config=train.ScalingConfig(
                 num_workers=resources["workers"],
-                use_gpu=use_gpu,
-                resources_per_worker=per_worker,
+                use_gpu=resources["gpus_per_worker"] > 0,
+                resources_per_worker=worker_bundle(resources),
                 placement_strategy=resources["placement_strategy"],
             ),
             run_config=train.RunConfig(
@@ -192,16 +185,21 @@ def load_saved_grid(store: Store, name: str) -> Grid:
     return parse_grid(yaml.safe_load(store.get_bytes(key)), key)
 
 
+def worker_bundle(resources: dict[str, Any]) -> dict[str, float]:
+    """What one worker holds: its CPUs, and its GPUs when it asks for any."""
+    bundle = {"CPU": float(resources["cpus_per_worker"])}
+    if resources["gpus_per_worker"]:
+        bundle["GPU"] = float(resources["gpus_per_worker"])
+    return bundle
+
+
 def trial_resources(config: dict[str, Any]) -> tune.PlacementGroupFactory:
     """What the Tune trial's process holds: the whole worker when it trains in-trial, else
     a sliver, since it only waits on its Ray Train worker group."""
     resources = config["point"]["resources"]
     if resources["execution"] != "in_trial":
         return tune.PlacementGroupFactory([{"CPU": 0.01}])
-    held = {"CPU": float(resources["cpus_per_worker"])}
-    if resources["gpus_per_worker"]:
-        held["GPU"] = float(resources["gpus_per_worker"])
-    return tune.PlacementGroupFactory([held])
+    return tune.PlacementGroupFactory([worker_bundle(resources)])
 
 
 def _tuner_args(grid: Grid, store: Store, ray_root: str, verbose: int) -> tuple[Any, Any]:

@@ -366,10 +366,8 @@ def check_name_field(where: str, value: str) -> None:
 
 
 def _check_path(where: str, path: str) -> None:
-    if path.startswith("s3://"):
-        return  # checked by the worker that downloads it; no credentials on the driver
-    if not os.path.isdir(path):
-        raise GridError(f"{where}: {path!r} is not a directory; give a HF from_pretrained folder (local or s3://)")
+    """A checkpoint folder."""
+    _check_local(where, path, folder=True, fix="give a HF from_pretrained folder (local or s3://)")
 
 
 def _check_vision_checkpoint(vision: VisionSpec) -> None:
@@ -393,13 +391,14 @@ def _check_vision_checkpoint(vision: VisionSpec) -> None:
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
-def _check_local(where: str, path: str, folder: bool) -> None:
-    """A data file or folder that must exist (s3:// ones are checked by the worker that fetches them)."""
+def _check_local(where: str, path: str, folder: bool, fix: str = "give an existing local path or an s3:// URI") -> None:
+    """A file or folder that must exist. s3:// ones are checked by the worker that fetches
+    them: the driver may have no credentials."""
     if path.startswith("s3://"):
         return
     kind, ok = ("folder", os.path.isdir(path)) if folder else ("file", os.path.isfile(path))
     if not ok:
-        raise GridError(f"{where}: {path!r} is not a {kind}; give an existing local path or an s3:// URI")
+        raise GridError(f"{where}: {path!r} is not a {kind}; {fix}")
 
 
 def _check_llava(grid: Grid) -> None:

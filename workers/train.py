@@ -2,8 +2,9 @@
 two LLaVA stages under DeepSpeed, then eval.
 
 Stage 1 trains the compressor (and a tiny vision tower that is not frozen) with the LM
-frozen; stage 2 trains compressor + LM (+ that tower). Each stage is its own DeepSpeed engine, because the
-set of trainable parameters changes. Rank 0 evaluates and returns one row per benchmark.
+frozen; stage 2 trains compressor + LM (+ that tower). Each stage is its own DeepSpeed
+engine, because the set of trainable parameters changes. Rank 0 evaluates and returns one
+row per benchmark.
 """
 
 from __future__ import annotations
@@ -295,7 +296,7 @@ def train_and_evaluate(
 
 
 def single_process_group(backend: str) -> None:
-    """A torch.distributed world of one, on loopback, for DeepSpeed. Ray Train's worker
+    """A torch.distributed world of one, for DeepSpeed. Ray Train's worker
     group sets one up; training inside the Tune trial (`execution: in_trial`) needs its
     own. Kept for the process's next trial, which Tune runs in the same process."""
     import torch.distributed as dist
