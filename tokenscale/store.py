@@ -21,7 +21,8 @@ import re
 import tempfile
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
+from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import urlparse
@@ -38,7 +39,8 @@ RESULT_SCHEMA = pa.schema(
         ("trial_id", pa.string()),
         ("config_hash", pa.string()),
         ("llm", pa.string()),
-        ("llm_params", pa.int64()),
+        ("llm_params", pa.int64()),  # N as the paper's fitter uses it: declared `params`, else counted
+        ("llm_params_non_embedding", pa.int64()),  # counted, beside N
         ("visual_tokens", pa.int64()),
         ("compressor", pa.string()),
         ("compressor_params", pa.int64()),
@@ -59,6 +61,64 @@ RESULT_SCHEMA = pa.schema(
         ("finished_at", pa.timestamp("us", tz="UTC")),
     ]
 )
+
+
+
+@dataclass(frozen=True)
+class ResultRow:
+    """One (trial, benchmark) result: the only way a row is built (the trial's writer, the
+    tests' and benchmarks' synthetic rows), so every writer fills every column of
+    RESULT_SCHEMA with the right type."""
+
+    grid: str
+    trial_id: str
+    config_hash: str
+    llm: str
+    llm_params: int
+    llm_params_non_embedding: int
+    visual_tokens: int
+    compressor: str
+    compressor_params: int
+    compressor_flops: float
+    seed: int
+    benchmark: str
+    task_family: str
+    score: float
+    error: float
+    chance: float
+    n_examples: int
+    text_tokens_mean: float
+    generated_tokens: int
+    inference_flops: float
+    train_seconds: float
+    eval_seconds: float
+    code_version: str
+    finished_at: datetime
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            kind = _ROW_TYPES[f.type]
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                object.__setattr__(self, f.name, float(value))
+            elif kind is int and hasattr(value, "__index__") and not isinstance(value, bool):
+                object.__setattr__(self, f.name, int(value))
+            elif kind is float and hasattr(value, "__float__") and not isinstance(value, (bool, str)):
+                object.__setattr__(self, f.name, float(value))
+            elif not isinstance(value, kind) or isinstance(value, bool):
+                raise TypeError(f"result row {f.name}: expected {kind.__name__}, got {value!r}")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+_ROW_TYPES = {"str": str, "int": int, "float": float, "datetime": datetime}
+
+
+def result_row(**values) -> dict:
+    """A result row as the writer stores it; raises on a missing, unknown or mistyped column."""
+    return ResultRow(**values).as_dict()
+
 
 # One row per (grid, task_family, compressor, form).
 LAW_SCHEMA = pa.schema(
