@@ -22,8 +22,8 @@ import time
 
 import ray
 
+from tokenscale.config import Grid, load_grid
 from tokenscale.orchestrator.driver import init_ray, run_grid
-from tokenscale.orchestrator.grid import Grid, load_grid
 from tokenscale.sql import query
 from tokenscale.store import Store
 

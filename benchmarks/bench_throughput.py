@@ -125,7 +125,7 @@ def timed(step, warmup: int, steps: int, sync=lambda: None, others=()):
 
 
 def cpu_trials(args: argparse.Namespace):
-    from tokenscale.orchestrator.grid import load_grid  # = parse_grid(yaml.safe_load(file))
+    from tokenscale.config import load_grid  # = parse_grid(yaml.safe_load(file))
 
     grid = load_grid(args.grid)
     compressor = args.compressor or grid.compressors[0].name

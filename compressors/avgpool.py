@@ -7,7 +7,8 @@ import math
 import torch
 from torch.nn import functional as F
 
-from .base import Compressor, MLPProjector, grid_side
+from .base import Compressor, MLPProjector
+from .budgets import grid_side
 
 
 class AvgPool(Compressor):

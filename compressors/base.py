@@ -2,29 +2,8 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
-
-
-def grid_side(grid_tokens: int) -> int:
-    side = math.isqrt(grid_tokens)
-    if side * side != grid_tokens:
-        raise ValueError(f"grid_tokens={grid_tokens} is not a square patch grid")
-    return side
-
-
-def square_budgets(grid_tokens: int) -> list[int]:
-    """Square V whose side divides the grid side: each token then owns an equal region."""
-    side = grid_side(grid_tokens)
-    return [s * s for s in range(1, side + 1) if side % s == 0]
-
-
-def any_budgets(grid_tokens: int) -> list[int]:
-    """Every V in 1..P: for compressors whose tokens are not tied to grid regions."""
-    grid_side(grid_tokens)  # still insist on a square grid, like every other compressor
-    return list(range(1, grid_tokens + 1))
 
 
 class MLPProjector(nn.Module):
@@ -56,10 +35,6 @@ class Compressor(nn.Module):
         self.llm_dim = llm_dim
         self.grid_tokens = grid_tokens
         self.visual_tokens = visual_tokens
-
-    @classmethod
-    def valid_budgets(cls, grid_tokens: int) -> list[int]:
-        return square_budgets(grid_tokens)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

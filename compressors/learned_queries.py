@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .attention import CrossAttention
-from .base import Compressor, MLPProjector, any_budgets
+from .base import Compressor, MLPProjector
 
 
 class LearnedQueries(Compressor):
@@ -20,10 +20,6 @@ class LearnedQueries(Compressor):
         self.queries = nn.Parameter(torch.randn(self.visual_tokens, self.vision_dim) * 0.02)
         self.attention = CrossAttention(self.vision_dim, heads)
         self.projector = MLPProjector(self.vision_dim, self.llm_dim)
-
-    @classmethod
-    def valid_budgets(cls, grid_tokens: int) -> list[int]:
-        return any_budgets(grid_tokens)
 
     def forward(self, patch_features: torch.Tensor, query_embedding: torch.Tensor | None = None) -> torch.Tensor:
         queries = self.queries.to(patch_features.dtype).expand(len(patch_features), -1, -1)

@@ -12,10 +12,6 @@ class NoCompression(Compressor):
         super().__init__(**dims)
         self.projector = MLPProjector(self.vision_dim, self.llm_dim)
 
-    @classmethod
-    def valid_budgets(cls, grid_tokens: int) -> list[int]:
-        return [grid_tokens]  # the baseline every compressor is measured against
-
     def forward(self, patch_features: torch.Tensor, query_embedding: torch.Tensor | None = None) -> torch.Tensor:
         return self.projector(patch_features)
 

@@ -19,17 +19,13 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from .base import Compressor, MLPProjector, any_budgets
+from .base import Compressor, MLPProjector
 
 
 class PruMerge(Compressor):
     def __init__(self, **dims):
         super().__init__(**dims)
         self.projector = MLPProjector(self.vision_dim, self.llm_dim)
-
-    @classmethod
-    def valid_budgets(cls, grid_tokens: int) -> list[int]:
-        return any_budgets(grid_tokens)
 
     @torch.no_grad()
     def assign(self, patch_features: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from .attention import CrossAttention
-from .base import Compressor, MLPProjector, grid_side
+from .base import Compressor, MLPProjector
+from .budgets import grid_side
 
 
 class QueCC(Compressor):

@@ -15,7 +15,8 @@ import torch
 from torch.nn import functional as F
 
 from .attention import CrossAttention
-from .base import Compressor, MLPProjector, grid_side
+from .base import Compressor, MLPProjector
+from .budgets import grid_side
 
 
 class TokenPacker(Compressor):

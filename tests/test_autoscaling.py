@@ -17,8 +17,8 @@ import pytest
 import ray
 from conftest import tiny_grid
 
+from tokenscale.config import parse_grid
 from tokenscale.orchestrator.driver import run_grid
-from tokenscale.orchestrator.grid import parse_grid
 from tokenscale.store import Store
 
 pytestmark = pytest.mark.slow

@@ -15,9 +15,9 @@ import requests
 import yaml
 from conftest import free_port, tiny_grid
 
+from tokenscale.config import parse_grid
 from tokenscale.fitting.grid_fit import fit_grid
 from tokenscale.orchestrator.driver import init_ray, run_grid
-from tokenscale.orchestrator.grid import parse_grid
 from tokenscale.sql import query
 from tokenscale.store import Store
 

@@ -6,7 +6,15 @@ import pytest
 import yaml
 from conftest import REPO, tiny_grid
 
-from tokenscale.orchestrator.grid import GridError, estimate_llm_params, load_grid, parse_grid
+from tokenscale.config import (
+    GridError,
+    TrialConfig,
+    estimate_llm_params,
+    grid_to_dict,
+    load_grid,
+    parse_grid,
+    parse_trial,
+)
 
 
 def test_demo_grid_parses_and_expands():
@@ -104,3 +112,132 @@ def test_bad_yaml_file(tmp_path):
     path.write_text(yaml.safe_dump(["a", "list"]))
     with pytest.raises(GridError, match="top level must be a mapping"):
         load_grid(path)
+
+
+# ---- the typed config: one path from YAML to the worker's dict ----------------------------
+
+
+def test_trial_dict_round_trips_through_the_model():
+    for trial in parse_grid(tiny_grid()).trials():
+        assert TrialConfig.model_validate(trial.to_dict()) == trial  # what a worker receives
+        assert parse_trial(trial.to_dict()).config_hash == trial.config_hash
+    grid = load_grid(REPO / "configs" / "demo.yaml")
+    assert parse_grid(grid_to_dict(grid)) == grid  # what the driver saves beside the results
+
+
+def test_misspelt_compressor_option_is_named_before_anything_runs():
+    raw = tiny_grid(compressors=[{"name": "quecc", "options": {"kernal": 3}}])
+    with pytest.raises(GridError) as err:
+        parse_grid(raw)
+    assert str(err.value).startswith("compressors[0].options.kernal: compressor 'quecc' takes no option 'kernal'")
+    assert "heads" in str(err.value), "lists the options the constructor takes"
+    raw = tiny_grid(compressors=[{"name": "quecc", "options": {"heads": "two"}}])
+    with pytest.raises(GridError, match=r"compressors\[0\].options.heads: compressor 'quecc' expects int \| None"):
+        parse_grid(raw)
+    assert parse_grid(tiny_grid(compressors=[{"name": "quecc", "options": {"heads": 2}}])).compressors[0].options == {"heads": 2}
+    with pytest.raises(GridError, match="compressor_options|options.heads"):
+        parse_trial({**parse_grid(tiny_grid()).trials()[0].to_dict(), "compressor": "quecc",
+                     "compressor_options": {"heads": "two"}})
+
+
+def test_option_names_read_without_torch_match_the_constructors():
+    import inspect
+
+    from tokenscale import compressors
+
+    for name in compressors.names():
+        signature = inspect.signature(compressors.get(name).__init__)
+        real = {p for p in signature.parameters.values() if p.kind is p.KEYWORD_ONLY}
+        assert set(compressors.options(name)) == {p.name for p in real}, name
+        assert compressors.get(name).uses_query == compressors.uses_query(name)
+
+
+def test_unknown_key_lists_the_valid_ones():
+    raw = tiny_grid()
+    raw["llms"][1]["colour"] = "red"
+    with pytest.raises(GridError) as err:
+        parse_grid(raw)
+    assert str(err.value).startswith("llms[1].colour: unknown key; valid keys here are name, hidden_size")
+
+
+def test_declared_params_are_the_law_n():
+    raw = tiny_grid()
+    raw["llms"][0]["params"] = 5.0e8
+    grid = parse_grid(raw)
+    from tokenscale.config import planned_llm_params
+
+    assert planned_llm_params(grid.llms[0]) == 5.0e8
+    assert planned_llm_params(grid.llms[1], vocab_size=60) > estimate_llm_params(grid.llms[1])  # + embeddings
+    with pytest.raises(GridError, match=r"llms\[0\].params"):
+        parse_grid({**raw, "llms": [{**raw["llms"][0], "params": -1}]})
+
+
+def test_every_packaged_grid_validates_against_the_schema():
+    import json
+    import subprocess
+
+    import jsonschema
+
+    out = subprocess.run([str(REPO / ".venv" / "bin" / "tokenscale"), "schema"], capture_output=True, text=True, check=True)
+    schema = json.loads(out.stdout)
+    files = sorted((REPO / "configs").glob("*.yaml"))
+    assert {f.name for f in files} >= {"demo.yaml", "paper.yaml"}
+    for file in files:
+        jsonschema.validate(yaml.safe_load(file.read_text()), schema)
+    bad = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    bad["train"]["zero_stage"] = 4
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema)
+    bad = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    bad["compressors"] = ["magic"]
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema)
+
+
+def test_plan_lists_trials_costs_and_the_store(tmp_path, capsys):
+    import json
+    from datetime import datetime, timezone
+
+    from tokenscale.cli import main
+    from tokenscale.costs import inference_flops
+    from tokenscale.store import Store, result_row
+
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump(tiny_grid()))
+    store = tmp_path / "store"
+    assert main(["plan", str(path), "--store", str(store), "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    trials = parse_grid(tiny_grid()).trials()
+    assert [r["trial_id"] for r in rows] == [t.trial_id for t in trials]
+    assert not any(r["in_store"] for r in rows)
+    for row in rows:
+        assert row["inference_flops_q0"] == inference_flops(row["llm_params"], 0, row["visual_tokens"], 0, row["compressor"])
+        assert row["training_flops"] > 6 * row["llm_params"]
+    # bigger LLM, more training FLOPs at the same V
+    by = {(r["llm"], r["visual_tokens"]): r["training_flops"] for r in rows}
+    assert by[("xs", 1)] < by[("s", 1)] < by[("m", 1)]
+
+    done = trials[0]
+    Store.open(str(store)).write_results(done.grid, done.compressor, done.config_hash, [result_row(
+        grid=done.grid, trial_id=done.trial_id, config_hash=done.config_hash, llm=done.llm.name, llm_params=1,
+        llm_params_non_embedding=1, visual_tokens=done.visual_tokens, compressor=done.compressor,
+        compressor_params=1, compressor_flops=1.0, seed=done.seed, benchmark="color", task_family="reasoning",
+        score=0.5, error=0.5, chance=0.25, n_examples=1, text_tokens_mean=1.0, generated_tokens=1,
+        inference_flops=1.0, train_seconds=1.0, eval_seconds=1.0, code_version="t",
+        finished_at=datetime.now(timezone.utc),
+    )])
+    assert main(["plan", str(path), "--store", str(store)]) == 0
+    out = capsys.readouterr().out
+    assert f"{len(trials)} trials, 1 already in the store" in out
+    assert sum(line.rstrip().endswith("yes") for line in out.splitlines()) == 1
+
+
+def test_plan_rejects_a_bad_grid_with_exit_2(tmp_path):
+    import subprocess
+
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump(tiny_grid(compressors=[{"name": "quecc", "options": {"kernal": 3}}])))
+    out = subprocess.run([str(REPO / ".venv" / "bin" / "tokenscale"), "plan", str(path)], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "compressors[0].options" in out.stderr and "kernal" in out.stderr
+    assert out.stdout == ""

@@ -11,7 +11,7 @@ import yaml
 from conftest import REPO
 
 from tokenscale.cli import build_parser
-from tokenscale.orchestrator.grid import load_grid
+from tokenscale.config import load_grid
 
 INFRA = REPO / "infra"
 

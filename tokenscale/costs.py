@@ -10,6 +10,8 @@ from typing import Literal
 
 import numpy as np
 
+from tokenscale import compressors
+
 # E(N, V) = A·N^-α·V^-β + D (the authors' code) and A·N^-α + B·V^-β + D (Chinchilla-style)
 FORMS: tuple[str, ...] = ("product", "sum")
 Form = Literal["product", "sum"]
@@ -17,7 +19,7 @@ Form = Literal["product", "sum"]
 # Compressors that run the LM over the user's query to build their visual tokens (QueCC's
 # query embedding). That pass cannot share the KV cache of the image-first sequence that
 # answers, so it costs another 2·N·Q per query.
-QUERY_CONDITIONED: frozenset[str] = frozenset({"quecc"})
+QUERY_CONDITIONED: frozenset[str] = frozenset(n for n in compressors.names() if compressors.uses_query(n))
 
 
 def inference_flops(

@@ -37,12 +37,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from tokenscale.config import LlavaSpec, TrialConfig, VisionSpec
 from tokenscale.store import Store, write_atomically
 
 from .benchmarks import Benchmark, Split, cache_dir
-from .trial import LlavaSpec, TrialConfig, VisionSpec
 
-TASK_FAMILIES = ("reasoning", "ocr")
 IMAGE_TOKEN = "<image>"
 # Checkpoint files that a tokenizer never needs: not fetched from s3:// for it.
 _WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")

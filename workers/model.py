@@ -22,11 +22,11 @@ from torch.nn import functional as F
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from tokenscale import compressors
+from tokenscale.config import LLMSpec, TrialConfig, VisionSpec
 from tokenscale.store import write_atomically
 
 from . import benchmarks
 from .benchmarks import VOCAB
-from .trial import LLMSpec, TrialConfig, VisionSpec
 
 log = logging.getLogger(__name__)
 
