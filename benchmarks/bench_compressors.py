@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
         names = sorted(set(names) | {"avgpool"}, key=lambda n: (n != "avgpool", n))
         reference = None
         for name in names:
-            if visual_tokens not in compressors.get(name).valid_budgets(p):
+            if visual_tokens not in compressors.valid_budgets(name, p):
                 skipped.append(f"{name} at V={visual_tokens}")
                 continue
             torch.manual_seed(0)
