@@ -241,3 +241,15 @@ def test_plan_rejects_a_bad_grid_with_exit_2(tmp_path):
     assert out.returncode == 2
     assert "compressors[0].options" in out.stderr and "kernal" in out.stderr
     assert out.stdout == ""
+
+
+def test_shipped_schema_file_is_what_tokenscale_schema_prints():
+    """configs/*.yaml point editors at configs/grid.schema.json (yaml-language-server)."""
+    import json
+
+    from tokenscale.config import grid_json_schema
+
+    shipped = json.loads((REPO / "configs" / "grid.schema.json").read_text())
+    assert shipped == grid_json_schema(), "regenerate: tokenscale schema > configs/grid.schema.json"
+    for file in (REPO / "configs").glob("*.yaml"):
+        assert file.read_text().splitlines()[0] == "# yaml-language-server: $schema=./grid.schema.json", file
