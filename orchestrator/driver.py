@@ -2,6 +2,10 @@
 worker group (`execution: workers`) or, for one CPU-only worker, the same train loop in
 the Tune trial's own reused process (`execution: in_trial`).
 
+Every Ray piece of a trial lives here: the Tune function, the Ray Train worker function,
+and the adapters that give the Ray-free train loop (tokenscale.workers.train) its
+`report`, `latest_checkpoint`, rank and world size from Ray Train or Tune.
+
 A trial whose result object is already in the store is never started (exactly-once on
 rerun); the trial function writes its rows with one PUT keyed by the config hash, so a
 retried trial overwrites instead of duplicating.
@@ -9,8 +13,10 @@ retried trial overwrites instead of duplicating.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,10 +26,8 @@ from ray import train, tune
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from tokenscale.config import Grid, GridError, TrialConfig, grid_to_dict, parse_grid
 from tokenscale.store import Store
-from tokenscale.workers.trial import TrialConfig
-
-from .grid import Grid, GridError, grid_to_dict, parse_grid
 
 
 def ray_storage(path: str) -> tuple[str, Any]:
@@ -53,23 +57,76 @@ def point_name(config: dict[str, Any]) -> str:
     return f"{trial['llm']['name']}-v{trial['visual_tokens']}-{trial['compressor']}-s{trial['seed']}-{config_hash[:6]}"
 
 
-def _tune_trial_name(trial) -> str:
-    return point_name(trial.config["point"])
+def _tune_trial_name(trial: Any) -> str:
+    """Tune's name (and directory) of a trial: the grid point's TrialConfig.trial_id,
+    computed by the driver when it built the point."""
+    return trial.config["point"]["trial_id"]
 
 
-def train_loop(config: dict[str, Any], **hooks: Any) -> None:
-    """Runs in each Ray Train worker (or in-trial, with Tune's `hooks`). The import is
-    deferred so that a Tune trial process that only waits on its worker group never pays
-    for importing torch/DeepSpeed."""
+def ray_train_report(metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
+    """The train loop's `report` in a Ray Train worker."""
+    train.report(metrics, checkpoint=train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
+
+
+def _tune_report(metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
+    """The train loop's `report` in the Tune trial's own process (in_trial)."""
+    tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
+
+
+def _latest_checkpoint(get_checkpoint: Callable[[], Any], stack: contextlib.ExitStack) -> Callable[[], str | None]:
+    """The train loop's `latest_checkpoint`: Ray's checkpoint (Train's or Tune's) of a
+    retried trial as a local directory, which stays there until `stack` closes."""
+
+    def latest_checkpoint() -> str | None:
+        checkpoint = get_checkpoint()
+        return None if checkpoint is None else stack.enter_context(checkpoint.as_directory())
+
+    return latest_checkpoint
+
+
+def _with_timing(report: Callable[..., None], timing: dict[str, float]) -> Callable[..., None]:
+    """`report` that adds where the trial's wall time went to the final metrics (the ones
+    with `train_seconds`), for benchmarks/bench_overhead.py."""
+
+    def timed_report(metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
+        if "train_seconds" in metrics:
+            metrics = {
+                **metrics,
+                "startup_seconds": timing["entered"] - timing["trial_started"],
+                "import_seconds": timing["imported"] - timing["entered"],
+                "worker_seconds": time.time() - timing["imported"],
+            }
+        report(metrics, checkpoint_dir)
+
+    return timed_report
+
+
+def _train(config: dict[str, Any], report: Callable[..., None], get_checkpoint: Callable[[], Any], rank: int, world_size: int) -> None:
+    """The train loop with Ray's hooks. Its import is deferred so that a Tune trial process
+    that only waits on its worker group never pays for importing torch/DeepSpeed."""
     entered = time.time()
     from tokenscale.workers.train import train_loop_per_worker
 
     timing = {"trial_started": config["trial_started"], "entered": entered, "imported": time.time()}
-    train_loop_per_worker({**config, "timing": timing}, **hooks)
+    with contextlib.ExitStack() as stack:
+        train_loop_per_worker(
+            config["trial"],
+            report=_with_timing(report, timing),
+            latest_checkpoint=_latest_checkpoint(get_checkpoint, stack),
+            rank=rank,
+            world_size=world_size,
+            store=config["store"],
+            config_hash=config["config_hash"],
+            backend=config["backend"],
+            threads=config["threads_per_worker"],
+        )
 
 
-def _tune_report(metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
-    tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
+def ray_train_worker(config: dict[str, Any]) -> None:
+    """Ray Train's train_loop_per_worker: runs in each worker of the trial's group, which
+    Ray Train set up (process group included); its checkpoints are Train's."""
+    context = train.get_context()
+    _train(config, ray_train_report, train.get_checkpoint, context.get_world_rank(), context.get_world_size())
 
 
 def train_in_trial(config: dict[str, Any]) -> None:
@@ -77,12 +134,12 @@ def train_in_trial(config: dict[str, Any]) -> None:
     process, which Tune reuses for the next trial (reuse_actors): no worker group to start,
     no imports to repeat. Tune persists the stage-1 checkpoint with the trial and hands it
     back to a retried trial; Tune's FailureConfig bounds the retries."""
-    train_loop(config, report=_tune_report, get_checkpoint=tune.get_checkpoint, rank=0)
+    _train(config, _tune_report, tune.get_checkpoint, 0, 1)
 
 
 def run_trial(config: dict[str, Any]) -> None:
     """Tune function trainable: train + evaluate one grid point, write its rows once."""
-    trial = TrialConfig.from_dict(config["point"]["trial"])
+    trial = TrialConfig.model_validate(config["point"]["trial"])
     config_hash = config["point"]["config_hash"]  # computed once, by the driver
     store = Store(config["store"])
     if store.has_result(trial.grid, trial.compressor, config_hash):
@@ -90,7 +147,7 @@ def run_trial(config: dict[str, Any]) -> None:
         return
     resources = config["point"]["resources"]
     loop_config = {
-        "trial": config["point"]["trial"],
+        "trial": trial,  # decoded once, here; Ray Train pickles it to its workers
         "config_hash": config_hash,
         "store": store.uri,
         "threads_per_worker": max(1, int(resources["cpus_per_worker"])),
@@ -102,7 +159,7 @@ def run_trial(config: dict[str, Any]) -> None:
     else:
         storage_path, storage_fs = ray_storage(config["ray_storage"].rstrip("/") + "/train")
         trainer = TorchTrainer(
-            train_loop,
+            ray_train_worker,
             train_loop_config=loop_config,
             torch_config=TorchConfig(backend=resources["backend"]),
             scaling_config=train.ScalingConfig(
@@ -112,7 +169,7 @@ def run_trial(config: dict[str, Any]) -> None:
                 placement_strategy=resources["placement_strategy"],
             ),
             run_config=train.RunConfig(
-                name=point_name(config["point"]),
+                name=trial.trial_id,
                 storage_path=storage_path,
                 storage_filesystem=storage_fs,
                 failure_config=train.FailureConfig(max_failures=config["max_failures"]),
@@ -242,6 +299,7 @@ def run_grid(grid: Grid, store: Store, verbose: int = 1, ray_storage_uri: str | 
                     {
                         "trial": t.to_dict(),
                         "config_hash": t.config_hash,
+                        "trial_id": t.trial_id,
                         "resources": grid.resources.for_llm(t.llm),
                     }
                     for t in pending

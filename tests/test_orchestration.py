@@ -17,8 +17,8 @@ import ray
 import yaml
 from conftest import tiny_grid
 
+from tokenscale.config import parse_grid
 from tokenscale.orchestrator.driver import grid_status, init_ray, run_grid
-from tokenscale.orchestrator.grid import parse_grid
 from tokenscale.sql import query
 from tokenscale.store import Store
 
@@ -48,7 +48,7 @@ def _find_process(marker: str) -> psutil.Process | None:
 def test_killed_train_worker_restarts_and_trial_completes(tmp_path, execution, marker):
     grid = parse_grid(tiny_grid(
         "killworker", llms=1, visual_tokens=(4,), max_failures=2,
-        train={"zero_stage": 1, "micro_batch": 8, "stage1_steps": 2, "stage2_steps": 600},
+        train={"zero_stage": 1, "micro_batch": 8, "stage1_steps": 2, "stage2_steps": 1500},  # stage 2 outlasts the killer's 4 s wait
         resources={"workers": 1, "cpus_per_worker": 1, "execution": execution},
     ))
     store = Store.open(str(tmp_path / "store"))

@@ -14,9 +14,8 @@ import pytest
 import torch
 from conftest import tiny_grid
 
-from tokenscale.orchestrator.grid import GridError, grid_to_dict, parse_grid
+from tokenscale.config import GridError, TrialConfig, grid_to_dict, parse_grid
 from tokenscale.workers import llava_data
-from tokenscale.workers.trial import TrialConfig
 
 torch.set_num_threads(1)
 
@@ -226,11 +225,12 @@ def test_train_and_evaluate_on_checkpoints(assets, monkeypatch, tmp_path):
     monkeypatch.setenv("TOKENSCALE_CACHE", str(tmp_path / "cache"))
     from transformers import AutoTokenizer, Qwen2ForCausalLM
 
+    from tokenscale.costs import inference_flops
     from tokenscale.workers.train import single_process_group, train_and_evaluate
 
     single_process_group("gloo")
     trial = _trial(assets)
-    assert TrialConfig.from_dict(trial.to_dict()) == trial  # what the worker receives
+    assert TrialConfig.model_validate(trial.to_dict()) == trial  # what the worker receives
     metrics = train_and_evaluate(trial)
     llm = Qwen2ForCausalLM.from_pretrained(assets["llm"])
     embedding = {id(p) for p in (*llm.get_input_embeddings().parameters(), *llm.get_output_embeddings().parameters())}
@@ -240,8 +240,13 @@ def test_train_and_evaluate_on_checkpoints(assets, monkeypatch, tmp_path):
     assert [r["benchmark"] for r in rows] == ["colors", "colors-ocr"]
     assert [r["task_family"] for r in rows] == ["reasoning", "ocr"]
     assert [r["n_examples"] for r in rows] == [16, 8]
+    total = sum(p.numel() for p in llm.parameters())
     for row in rows:
-        assert row["llm_params"] == expected
+        assert row["llm_params"] == total  # N: no `params` declared, so the counted total, embeddings included
+        assert row["llm_params_non_embedding"] == expected
+        assert row["inference_flops"] == pytest.approx(
+            inference_flops(total, row["text_tokens_mean"], row["visual_tokens"], row["generated_tokens"], compressor="avgpool")
+        )
         assert 0.0 <= row["score"] <= 1.0 and row["error"] == pytest.approx(1 - row["score"])
         assert row["text_tokens_mean"] == len(question)  # the left padding does not count
         assert row["generated_tokens"] == 2  # color + <eos>
@@ -307,7 +312,7 @@ def test_grid_rejects_bad_llava_sections(assets, tmp_path):
     assert "data.llava.eval[0].image_folder" in _grid_error(raw)
     raw = llava_grid(assets)
     raw["data"]["llava"]["eval"][0]["task_family"] = "counting"
-    assert "data.llava.eval[0].task_family: unknown task family 'counting'; choose from reasoning, ocr" in _grid_error(raw)
+    assert "data.llava.eval[0].task_family: unknown task_family 'counting'; choose 'reasoning' or 'ocr'" in _grid_error(raw)
     raw = llava_grid(assets)
     del raw["data"]["llava"]["eval"][0]["task_family"]
     assert "data.llava.eval[0].task_family: required" in _grid_error(raw)
@@ -332,8 +337,8 @@ def test_checkpoints_from_s3(assets, s3_endpoint, monkeypatch, tmp_path):
     """An s3:// LLM and vision tower (and the LLM's tokenizer) load like the local folders."""
     import boto3
 
+    from tokenscale.config import LLMSpec
     from tokenscale.workers.model import CLIPTower, build_llm
-    from tokenscale.workers.trial import LLMSpec
 
     monkeypatch.setenv("TOKENSCALE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -1,10 +1,11 @@
-"""The train loop of one worker (a Ray Train worker, or the Tune trial's process in-trial):
-two LLaVA stages under DeepSpeed, then eval.
+"""The train loop of one worker: two LLaVA stages under DeepSpeed, then eval. Free of Ray:
+the launcher (a Ray Train worker, the Tune trial's process in-trial, torchrun or
+`python -m tokenscale.workers`) hands it plain callables for reporting and checkpoints.
 
 Stage 1 trains the compressor (and a tiny vision tower that is not frozen) with the LM
 frozen; stage 2 trains compressor + LM (+ that tower). Each stage is its own DeepSpeed
-engine, because the set of trainable parameters changes. Rank 0 evaluates and returns one
-row per benchmark.
+engine, because the set of trainable parameters changes. Rank 0 evaluates and builds one
+typed result row per benchmark.
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ import numpy as np
 import torch
 
 from tokenscale import code_version
+from tokenscale.config import TrialConfig
+from tokenscale.costs import inference_flops
+from tokenscale.store import result_row
 
 from .benchmarks import Split, generate
 from .model import VLM, encode_images, split_features
-from .trial import TrialConfig
 
 
 def _left_pad(split: Split, length: int) -> Split:
@@ -98,7 +101,7 @@ def deepspeed_config(trial: TrialConfig, lr: float, use_bf16: bool) -> dict[str,
         },
         "zero_optimization": {"stage": trial.train.zero_stage},
         "bf16": {"enabled": use_bf16},
-        "steps_per_print": 10**9,  # quiet: progress is reported through Ray
+        "steps_per_print": 10**9,  # quiet: progress goes through the launcher's report
     }
 
 
@@ -182,14 +185,26 @@ def run_stage(model: VLM, trial: TrialConfig, splits: list[Split], steps: int, l
     return float(np.mean(losses[-10:]))
 
 
+@dataclasses.dataclass(frozen=True)
+class BenchmarkScore:
+    """One benchmark's evaluation: exact-match score and the query's real token counts."""
+
+    benchmark: str
+    task_family: str
+    score: float
+    chance: float
+    n_examples: int
+    text_tokens_mean: float  # question tokens, without the left padding
+    generated_tokens_mean: float  # answer tokens up to and including the first <eos>
+
+
 @torch.no_grad()
-def evaluate(model: VLM, trial: TrialConfig, splits: list[Split], device: torch.device, dtype: torch.dtype) -> list[dict[str, Any]]:
+def evaluate(model: VLM, splits: list[Split], device: torch.device, dtype: torch.dtype) -> list[BenchmarkScore]:
     """Exact match of the whole answer (teacher-forced argmax at every answer position up
     to and including the first <eos> is exactly greedy decoding's success condition; the
-    <eos> padding after it does not count), one row per benchmark."""
+    <eos> padding after it does not count), one score per benchmark."""
     model.eval()
-    n_params = model.llm_params
-    rows = []
+    scores = []
     for split in splits:
         correct = 0
         for start in range(0, len(split), 256):
@@ -199,27 +214,74 @@ def evaluate(model: VLM, trial: TrialConfig, splits: list[Split], device: torch.
             is_eos = answers == split.eos_id
             after_eos = (is_eos.cumsum(1) - is_eos.long()) > 0
             correct += int(((logits.argmax(-1) == answers) | after_eos).all(dim=1).sum())
-        score = correct / len(split)
         # real question length: the left padding is a batching device, not part of the query
         text_tokens = float((split.questions != split.pad_id).sum(axis=1).mean())
         # real answer length: up to and including the first <eos> (a cut answer has none)
         before_eos = (np.cumsum(split.answers == split.eos_id, axis=1) == 0).sum(axis=1)
         generated = float(np.minimum(before_eos + 1, split.answers.shape[1]).mean())
-        rows.append(
-            {
-                "benchmark": split.benchmark.name,
-                "task_family": split.benchmark.task_family,
-                "score": score,
-                "error": 1.0 - score,
-                "chance": split.benchmark.chance,
-                "n_examples": len(split),
-                "text_tokens_mean": float(text_tokens),
-                "generated_tokens": round(generated),
-                "inference_flops": 2.0 * n_params * (text_tokens + trial.visual_tokens + generated),
-            }
-        )
+        scores.append(BenchmarkScore(
+            split.benchmark.name, split.benchmark.task_family, correct / len(split),
+            split.benchmark.chance, len(split), text_tokens, generated,
+        ))
     model.train()
-    return rows
+    return scores
+
+
+def llm_param_counts(trial: TrialConfig, model: VLM) -> tuple[int, int]:
+    """(N, non-embedding count) of the trial's LM. N, the paper's model size, is the count
+    the config declares (`llm.params`, e.g. 0.5e9 for Qwen1.5-0.5B) when it declares one,
+    else the LM's counted parameters, embeddings included; the non-embedding count (token
+    embedding and LM head left out) is always counted."""
+    declared = trial.llm.params
+    counted = sum(p.numel() for p in model.llm.parameters())  # a tied head counts once
+    n = int(round(declared)) if declared is not None else counted
+    return n, model.llm_params
+
+
+def result_rows(
+    trial: TrialConfig,
+    model: VLM,
+    scores: list[BenchmarkScore],
+    *,
+    config_hash: str,
+    train_seconds: float,
+    eval_seconds: float,
+) -> list[dict[str, Any]]:
+    """One typed result row per benchmark (tokenscale.store.result_row), priced with
+    tokenscale.costs.inference_flops at the benchmark's mean query."""
+    llm_params, non_embedding = llm_param_counts(trial, model)
+    finished_at = datetime.now(timezone.utc)
+    return [
+        result_row(
+            grid=trial.grid,
+            trial_id=trial.trial_id,
+            config_hash=config_hash,
+            llm=trial.llm.name,
+            llm_params=llm_params,
+            llm_params_non_embedding=non_embedding,
+            visual_tokens=trial.visual_tokens,
+            compressor=trial.compressor,
+            compressor_params=model.compressor.num_parameters(),
+            compressor_flops=float(model.compressor.flops()),
+            seed=trial.seed,
+            benchmark=s.benchmark,
+            task_family=s.task_family,
+            score=s.score,
+            error=1.0 - s.score,
+            chance=s.chance,
+            n_examples=s.n_examples,
+            text_tokens_mean=s.text_tokens_mean,
+            generated_tokens=round(s.generated_tokens_mean),
+            inference_flops=float(inference_flops(
+                llm_params, s.text_tokens_mean, trial.visual_tokens, s.generated_tokens_mean, compressor=trial.compressor
+            )),
+            train_seconds=train_seconds,
+            eval_seconds=eval_seconds,
+            code_version=code_version(),
+            finished_at=finished_at,
+        )
+        for s in scores
+    ]
 
 
 STAGE1_FILE = "stage1.pt"
@@ -230,11 +292,14 @@ def train_and_evaluate(
     rank: int = 0,
     checkpoint_dir: str | None = None,
     on_stage1_done: Callable[[VLM, float], None] | None = None,
+    *,
+    config_hash: str | None = None,
 ) -> dict[str, Any]:
-    """Both stages then eval; returns metrics (with `rows` on rank 0).
+    """Both stages then eval; returns metrics (with the result `rows` on rank 0).
 
     A `checkpoint_dir` holding the end of stage 1 (a retried trial) skips stage 1;
-    `on_stage1_done(model, loss)` is called when stage 1 finishes, to checkpoint it."""
+    `on_stage1_done(model, loss)` is called when stage 1 finishes, to checkpoint it. The
+    rows carry `config_hash` (default: the trial's own)."""
     torch.manual_seed(trial.seed)
     device = _device()
     use_bf16 = trial.train.bf16 == "on" or (
@@ -272,33 +337,21 @@ def train_and_evaluate(
     }
     if rank == 0:
         started = time.perf_counter()
-        bench_rows = evaluate(model.to(dtype), trial, eval_splits, device, dtype)
+        scores = evaluate(model.to(dtype), eval_splits, device, dtype)
         eval_seconds = time.perf_counter() - started
-        common = {
-            "grid": trial.grid,
-            "trial_id": trial.trial_id,
-            "config_hash": trial.config_hash,
-            "llm": trial.llm.name,
-            "llm_params": model.llm_params,
-            "visual_tokens": trial.visual_tokens,
-            "compressor": trial.compressor,
-            "compressor_params": model.compressor.num_parameters(),
-            "compressor_flops": float(model.compressor.flops()),
-            "seed": trial.seed,
-            "train_seconds": train_seconds,
-            "eval_seconds": eval_seconds,
-            "code_version": code_version(),
-            "finished_at": datetime.now(timezone.utc),
-        }
-        metrics["rows"] = [{**common, **row} for row in bench_rows]
-        metrics["mean_score"] = float(np.mean([r["score"] for r in bench_rows]))
+        metrics["rows"] = result_rows(
+            trial, model, scores, config_hash=config_hash or trial.config_hash,
+            train_seconds=train_seconds, eval_seconds=eval_seconds,
+        )
+        metrics["mean_score"] = float(np.mean([s.score for s in scores]))
     return metrics
 
 
 def single_process_group(backend: str) -> None:
-    """A torch.distributed world of one, for DeepSpeed. Ray Train's worker
-    group sets one up; training inside the Tune trial (`execution: in_trial`) needs its
-    own. Kept for the process's next trial, which Tune runs in the same process."""
+    """A torch.distributed world of one, for DeepSpeed. Ray Train's worker group and
+    torchrun set one up; training alone (`execution: in_trial`, `python -m
+    tokenscale.workers`) needs its own. Kept for the process's next trial, which Tune runs
+    in the same process."""
     import torch.distributed as dist
 
     if dist.is_initialized():
@@ -311,61 +364,66 @@ def single_process_group(backend: str) -> None:
     dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
-def ray_train_report(metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
-    import ray.train
+def init_process_group(backend: str, rank: int, world_size: int) -> None:
+    """torch.distributed as this worker's launcher left it (Ray Train's worker group sets
+    it up), else a world of one in memory, else torchrun's env:// rendezvous
+    (MASTER_ADDR/MASTER_PORT from the environment)."""
+    import torch.distributed as dist
 
-    checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-    ray.train.report(metrics, checkpoint=checkpoint)
+    if world_size == 1:
+        single_process_group(backend)
+    elif not dist.is_initialized():
+        dist.init_process_group(backend, rank=rank, world_size=world_size)
+    if (dist.get_rank(), dist.get_world_size(), dist.get_backend()) != (rank, world_size, backend):
+        raise RuntimeError(
+            f"torch.distributed runs rank {dist.get_rank()} of {dist.get_world_size()} ({dist.get_backend()}), "
+            f"but this worker was started as rank {rank} of {world_size} ({backend})"
+        )
+
+
+Report = Callable[..., None]
+"""`report(metrics, checkpoint_dir=None)`: progress and the final metrics of one worker,
+with a local directory to checkpoint (stage 1's end) on rank 0."""
 
 
 def train_loop_per_worker(
-    config: dict[str, Any],
-    report: Callable[..., None] = ray_train_report,
-    get_checkpoint: Callable[[], Any] | None = None,
-    rank: int | None = None,
-) -> None:
-    """One trial's training on one worker: in a Ray Train worker group by default, or,
-    given `report(metrics, checkpoint_dir)`, `get_checkpoint()` and `rank`, anywhere else
-    (the driver's in-trial mode passes Tune's).
+    trial: TrialConfig,
+    *,
+    report: Report,
+    latest_checkpoint: Callable[[], str | None],
+    rank: int,
+    world_size: int,
+    store: str | None = None,
+    config_hash: str | None = None,
+    backend: str = "gloo",
+    threads: int | None = None,
+) -> list[dict[str, Any]] | None:
+    """One trial's training on one worker of `world_size` (any launcher: a Ray Train worker
+    group, the Tune trial's process, torchrun, or a plain process; the Ray adapters live in
+    tokenscale.orchestrator.driver).
 
-    Rank 0 writes the trial's rows to the store itself: one object, one PUT, keyed by the
-    config hash. Only small scalar metrics go back through Ray; a retried trial gets its
-    stage-1 checkpoint back from `get_checkpoint()` and skips stage 1."""
-    import ray.train
-
+    Every rank calls `report` the same number of times: once at stage 1's end (rank 0
+    passes the directory holding the stage-1 checkpoint, to be persisted before `report`
+    returns) and once with the final metrics. `latest_checkpoint()` gives such a directory
+    back to a retried trial (or None), which then skips stage 1. Rank 0 evaluates and, with
+    a `store`, writes the trial's rows there: one object, one PUT, keyed by `config_hash`
+    (default: the trial's own). Returns the rows on rank 0, None elsewhere."""
     from tokenscale.store import Store
 
-    get_checkpoint = get_checkpoint or ray.train.get_checkpoint
-    if rank is None:
-        rank = ray.train.get_context().get_world_rank()
-    torch.set_num_threads(int(config.get("threads_per_worker", 1)))
-    single_process_group(config.get("backend", "gloo"))
-    trial = TrialConfig.from_dict(config["trial"])
+    if threads:
+        torch.set_num_threads(threads)
+    init_process_group(backend, rank, world_size)
+    config_hash = config_hash or trial.config_hash
 
     def checkpoint_stage1(model: VLM, loss: float) -> None:
-        # Ray persists it to the trial's storage (beside the results in the store).
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
                 torch.save({"model": model.state_dict(), "stage1_loss": loss}, os.path.join(tmp, STAGE1_FILE))
             report({"stage": 1, "stage1_loss": loss}, tmp if rank == 0 else None)
 
-    previous = get_checkpoint()
-    if previous is not None:
-        with previous.as_directory() as checkpoint_dir:
-            metrics = train_and_evaluate(trial, rank, checkpoint_dir, checkpoint_stage1)
-    else:
-        metrics = train_and_evaluate(trial, rank, None, checkpoint_stage1)
+    metrics = train_and_evaluate(trial, rank, latest_checkpoint(), checkpoint_stage1, config_hash=config_hash)
     rows = metrics.pop("rows", None)
-    if rank == 0:
-        # The driver's hash names the object: a worker running other code (new defaults)
-        # must still write where the driver looks.
-        config_hash = config.get("config_hash") or trial.config_hash
-        for row in rows:
-            row["config_hash"] = config_hash
-        Store(config["store"]).write_results(trial.grid, trial.compressor, config_hash, rows)
-    timing = config.get("timing")
-    if timing:  # where the trial's wall time went, for benchmarks/bench_overhead.py
-        metrics["startup_seconds"] = timing["entered"] - timing["trial_started"]
-        metrics["import_seconds"] = timing["imported"] - timing["entered"]
-        metrics["worker_seconds"] = time.time() - timing["imported"]
+    if rank == 0 and store is not None:
+        Store.open(store).write_results(trial.grid, trial.compressor, config_hash, rows)
     report(metrics)
+    return rows

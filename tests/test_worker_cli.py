@@ -1,0 +1,145 @@
+"""One trial without Ray: `python -m tokenscale.workers` (a world of one) and under torchrun
+(a world of two, gloo), the same train loop the Ray Train workers run."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO, tiny_grid
+
+from tokenscale.config import GridError, TrialConfig, parse_grid
+from tokenscale.costs import inference_flops
+from tokenscale.store import RESULT_SCHEMA, Store
+
+BIN = Path(sys.executable).parent
+# runs the CLI, then fails (exit 3) if anything imported Ray into this process
+NO_RAY = (
+    "import sys; from tokenscale.workers.__main__ import main; rc = main(sys.argv[1:]); "
+    "ray = sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')); "
+    "print('ray modules:', ray, file=sys.stderr); sys.exit(3 if ray else rc)"
+)
+
+
+def _trial(**llm) -> TrialConfig:
+    raw = tiny_grid("cli", llms=1, visual_tokens=(4,), compressors=["quecc"])
+    raw["llms"][0].update(llm)
+    return parse_grid(raw).trials()[0]
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "RAY_ADDRESS")}
+    return {**env, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _counted(trial: TrialConfig) -> tuple[int, int]:
+    from tokenscale.workers.benchmarks import VOCAB
+    from tokenscale.workers.model import build_llm, non_embedding_params
+
+    llm = build_llm(trial.llm, len(VOCAB))
+    return sum(p.numel() for p in llm.parameters()), non_embedding_params(llm)
+
+
+def _check_rows(rows: list[dict], trial: TrialConfig, llm_params: int, non_embedding: int) -> None:
+    assert [r["benchmark"] for r in rows] == ["color", "digits"]
+    assert set(rows[0]) == set(RESULT_SCHEMA.names)
+    for row in rows:
+        assert row["trial_id"] == trial.trial_id and row["config_hash"] == trial.config_hash
+        assert row["llm_params"] == llm_params and row["llm_params_non_embedding"] == non_embedding
+        assert row["n_examples"] == 32 and 0.0 <= row["score"] <= 1.0
+        # quecc embeds the query with the LM: priced by the one cost function
+        assert row["inference_flops"] == pytest.approx(
+            inference_flops(llm_params, row["text_tokens_mean"], 4, row["generated_tokens"], compressor="quecc")
+        )
+        assert row["inference_flops"] > 2.0 * llm_params * (row["text_tokens_mean"] + 4 + row["generated_tokens"])
+
+
+def test_workers_package_is_free_of_ray():
+    pattern = re.compile(r"^\s*(import ray|from ray)", re.MULTILINE)
+    offenders = [p.name for p in (REPO / "workers").glob("*.py") if pattern.search(p.read_text())]
+    assert offenders == []
+
+
+def test_one_trial_without_ray(tmp_path):
+    trial = _trial()
+    config = tmp_path / "trial.yaml"
+    config.write_text(yaml.safe_dump(trial.to_dict()))
+    store = tmp_path / "store"
+    run = subprocess.run(
+        [sys.executable, "-c", NO_RAY, str(config), "--store", str(store), "--format", "jsonl"],
+        capture_output=True, text=True, timeout=120, env=_env(), cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "ray modules: []" in run.stderr
+    rows = [json.loads(line) for line in run.stdout.splitlines()]  # stdout holds the rows only
+    total, non_embedding = _counted(trial)
+    assert total > non_embedding  # N counts the embeddings when no `params` is declared
+    _check_rows(rows, trial, total, non_embedding)
+    stored = Store.open(str(store)).read_results("cli").to_pylist()
+    assert [(r["benchmark"], r["score"], r["inference_flops"]) for r in stored] == [
+        (r["benchmark"], r["score"], r["inference_flops"]) for r in rows
+    ]
+    assert '"stage": 1' in run.stderr and '"resumed_from_stage": 0' in run.stderr
+
+    # the table, without a store: nothing written
+    again = subprocess.run(
+        [sys.executable, "-m", "tokenscale.workers", str(config)],
+        capture_output=True, text=True, timeout=120, env=_env(), cwd=tmp_path,
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    header, *lines = again.stdout.splitlines()
+    assert header.split()[:3] == ["benchmark", "task_family", "score"] and len(lines) == 2
+    assert not (tmp_path / "tokenscale-store").exists()
+
+
+def test_torchrun_world_of_two(tmp_path):
+    trial = _trial(params=5e5)  # a declared N is the rows' llm_params
+    config = tmp_path / "trial.yaml"
+    config.write_text(yaml.safe_dump(trial.to_dict()))
+    store = tmp_path / "store"
+    run = subprocess.run(
+        [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "tokenscale.workers",
+         str(config), "--store", str(store), "--format", "jsonl"],
+        capture_output=True, text=True, timeout=180, env=_env(), cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    for rank in (0, 1):  # both ranks trained through both stages
+        assert re.search(rf"\[rank {rank}/2\] \{{\"stage1_loss\": .*\"stage2_loss\"", run.stderr), run.stderr[-3000:]
+    rows = [json.loads(line) for line in run.stdout.splitlines()]  # printed by rank 0 only
+    _check_rows(rows, trial, 500_000, _counted(trial)[1])
+    assert Store.open(str(store)).list(str(store), ".parquet") == [
+        Store.open(str(store)).result_key("cli", "quecc", trial.config_hash)
+    ]
+    assert Store.open(str(store)).read_results("cli").num_rows == 2  # written once
+
+
+def test_trial_from_a_grid_yaml(tmp_path):
+    from tokenscale.workers.__main__ import main, select_trial
+
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump(tiny_grid("cli", llms=2, visual_tokens=(1, 4))))
+    trials = parse_grid(tiny_grid("cli", llms=2, visual_tokens=(1, 4))).trials()
+    assert select_trial(str(grid_file), "2") == trials[2]
+    assert select_trial(str(grid_file), trials[3].trial_id) == trials[3]
+    with pytest.raises(GridError, match=r"a grid of 4 trials; pick one by index 0-3"):
+        select_trial(str(grid_file), None)
+    with pytest.raises(GridError, match="out of range"):
+        select_trial(str(grid_file), "4")
+    with pytest.raises(GridError, match="no trial 'xs-v9'"):
+        select_trial(str(grid_file), "xs-v9")
+    one = tmp_path / "one.yaml"
+    one.write_text(yaml.safe_dump(trials[0].to_dict()))
+    assert select_trial(str(one), None) == trials[0]
+    with pytest.raises(GridError, match="drop --trial"):
+        select_trial(str(one), "0")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**trials[0].to_dict(), "visual_tokens": "four"}))
+    with pytest.raises(GridError, match="visual_tokens"):
+        select_trial(str(bad), None)
+    assert main([str(tmp_path / "missing.yaml")]) == 2
