@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -15,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 import ray
-from conftest import tiny_grid
+from conftest import free_port, tiny_grid, wait_for_port
 
 from tokenscale.config import parse_grid
 from tokenscale.orchestrator.driver import run_grid
@@ -49,35 +50,46 @@ def gpu_nodes() -> int:
     return sum(1 for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU", 0) > 0)
 
 
-def stop_cluster(markers: list[str]) -> None:
-    """Kill this cluster's processes only (not `ray stop`, which ends every Ray here)."""
-    victims = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(proc.info["cmdline"] or [])
-        if any(m in cmdline for m in markers) and proc.pid != os.getpid():
-            victims.append(proc)
-    for proc in victims:
+def stop_cluster(head: subprocess.Popen) -> None:
+    """Stop this cluster only: the `ray start --block` process we started leads its own
+    process group, which holds the head's daemons and the fake nodes the autoscaler spawned;
+    every descendant is collected by pid first, in case one left the group."""
+    try:
+        family = [head_proc := psutil.Process(head.pid), *head_proc.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        family = []
+    for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
-            proc.kill()
-        except psutil.Error:
+            os.killpg(head.pid, sig)
+        except ProcessLookupError:
             pass
-    psutil.wait_procs(victims, timeout=20)
+        for proc in family:
+            try:
+                proc.send_signal(sig)
+            except psutil.Error:
+                pass
+        _, alive = psutil.wait_procs(family, timeout=15)
+        if not alive:
+            break
+    head.wait(timeout=10)
 
 
 def test_grid_on_gpu_worker_type_scales_up_then_down(tmp_path, monkeypatch):
     temp_dir = tempfile.mkdtemp(prefix="rtfake", dir="/tmp")
     config_file = tmp_path / "cluster.json"
-    config_file.write_text(json.dumps(cluster_config()))
-    port = 6379  # the fake provider starts its nodes with `ray start --address=<head>:6379`
+    port = free_port()  # the fake provider's nodes join the head at `gcs_address`
+    config = cluster_config()
+    config["provider"]["gcs_address"] = f"127.0.0.1:{port}"
+    config_file.write_text(json.dumps(config))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     # a throwaway cluster on this machine only; the fake nodes it spawns don't get the token
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     env.update({"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_AUTH_MODE": "disabled"})
-    subprocess.run(
-        [RAY, "start", "--head", f"--autoscaling-config={config_file}", f"--port={port}", "--num-cpus=2",
+    head = subprocess.Popen(
+        [RAY, "start", "--head", "--block", f"--autoscaling-config={config_file}", f"--port={port}", "--num-cpus=2",
          "--num-gpus=0", f"--temp-dir={temp_dir}", "--node-ip-address=127.0.0.1", "--include-dashboard=false",
          "--disable-usage-stats"],
-        env=env, check=True, capture_output=True, timeout=120,
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     grid = parse_grid(tiny_grid(
         "autoscale", llms=1, visual_tokens=(1, 4), max_concurrent_trials=2,
@@ -87,6 +99,7 @@ def test_grid_on_gpu_worker_type_scales_up_then_down(tmp_path, monkeypatch):
     store = Store.open(str(tmp_path / "store"))
     seen_gpu_nodes = []
     try:
+        wait_for_port(port, timeout=120)
         ray.init(address=f"127.0.0.1:{port}")
         assert gpu_nodes() == 0, "min_workers is 0: no GPU node before there is work"
         import threading
@@ -110,5 +123,5 @@ def test_grid_on_gpu_worker_type_scales_up_then_down(tmp_path, monkeypatch):
         assert gpu_nodes() == 0, "idle GPU nodes are removed"
     finally:
         ray.shutdown()
-        stop_cluster([temp_dir, f"127.0.0.1:{port}"])
+        stop_cluster(head)
     assert store.read_results("autoscale").num_rows == 2 * 2
