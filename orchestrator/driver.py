@@ -26,35 +26,10 @@ from ray import train, tune
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from tokenscale.config import Grid, GridError, TrialConfig, grid_to_dict, parse_grid
+from tokenscale.config import Grid, TrialConfig, grid_to_dict
 from tokenscale.store import Store
 
-
-def ray_storage(path: str) -> tuple[str, Any]:
-    """(storage_path, storage_filesystem) for Ray's RunConfig: S3 through pyarrow with the
-    endpoint from the AWS environment, or a local directory."""
-    if not path.startswith("s3://"):
-        os.makedirs(path, exist_ok=True)
-        return path, None
-    from pyarrow import fs
-
-    from tokenscale.store import s3_endpoint
-
-    endpoint = s3_endpoint()
-    options: dict[str, Any] = {}
-    if endpoint:
-        options["endpoint_override"] = endpoint
-        options["scheme"] = "https" if endpoint.startswith("https") else "http"
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    if region:
-        options["region"] = region
-    return path[len("s3://") :], fs.S3FileSystem(**options)
-
-
-def point_name(config: dict[str, Any]) -> str:
-    """Readable, unique name of a grid point: llm-vV-compressor-sSEED-hash."""
-    trial, config_hash = config["trial"], config["config_hash"]
-    return f"{trial['llm']['name']}-v{trial['visual_tokens']}-{trial['compressor']}-s{trial['seed']}-{config_hash[:6]}"
+from .status import GRID_FILE, TUNE_NAME, load_saved_grid, ray_storage
 
 
 def _tune_trial_name(trial: Any) -> str:
@@ -222,10 +197,6 @@ def init_ray(spare_cpu: bool = True) -> None:
         )
 
 
-GRID_FILE = "grid.yaml"
-TUNE_NAME = "tune"
-
-
 def save_grid(grid: Grid, store: Store) -> str:
     """The grid as run, beside its results: `resume` and `status` read it back."""
     key = store.join(grid.name, GRID_FILE)
@@ -233,13 +204,6 @@ def save_grid(grid: Grid, store: Store) -> str:
     if not store.exists(key) or store.get_bytes(key) != data:  # unchanged: no write
         store.put_bytes(key, data)
     return key
-
-
-def load_saved_grid(store: Store, name: str) -> Grid:
-    key = store.join(name, GRID_FILE)
-    if not store.exists(key):
-        raise GridError(f"grid {name!r} was never run with store {store.uri} (no {key}); start it with `tokenscale run`")
-    return parse_grid(yaml.safe_load(store.get_bytes(key)), key)
 
 
 def worker_bundle(resources: dict[str, Any]) -> dict[str, float]:
@@ -359,52 +323,6 @@ def resume_grid(store: Store, name: str, verbose: int = 1, ray_storage_uri: str 
     summary.finished = summary.trials - summary.already_done - summary.errored
     summary.wall_seconds = time.perf_counter() - started
     return summary
-
-
-@dataclass
-class TrialStatus:
-    name: str
-    llm: str
-    visual_tokens: int
-    compressor: str
-    seed: int
-    status: str  # done | running | errored | pending
-    error: str = ""
-
-
-def grid_status(store: Store, name: str, ray_storage_uri: str | None = None) -> list[TrialStatus]:
-    """Per trial: done (its result is in the store), else what Tune last recorded."""
-    grid = load_saved_grid(store, name)
-    ray_root = (ray_storage_uri or store.join(grid.name)).rstrip("/")
-    path, fs = ray_storage(f"{ray_root}/{TUNE_NAME}")
-    tune_state: dict[str, tuple[str, str]] = {}
-    if tune.Tuner.can_restore(path, storage_filesystem=fs):
-        from ray.tune import ExperimentAnalysis
-
-        for trial in ExperimentAnalysis(path, storage_filesystem=fs).trials:
-            error = ""
-            if trial.status == "ERROR":
-                error = _last_error_line(trial)
-            tune_state[trial.config["point"]["config_hash"]] = (trial.status, error)
-    rows = []
-    for t in grid.trials():
-        state, error = tune_state.get(t.config_hash, ("PENDING", ""))
-        if store.has_result(t.grid, t.compressor, t.config_hash):
-            status, error = "done", ""
-        else:
-            status = {"RUNNING": "running", "ERROR": "errored"}.get(state, "pending")
-        point = {"trial": t.to_dict(), "config_hash": t.config_hash}
-        rows.append(TrialStatus(point_name(point), t.llm.name, t.visual_tokens, t.compressor, t.seed, status, error))
-    return rows
-
-
-def _last_error_line(trial: Any) -> str:
-    try:
-        text = trial.get_error() or ""
-    except Exception:  # the error file may live on a node that is gone
-        text = ""
-    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
-    return lines[-1] if lines else "errored (no message recorded)"
 
 
 def progress_reporter() -> Any:

@@ -18,7 +18,8 @@ import yaml
 from conftest import tiny_grid
 
 from tokenscale.config import parse_grid
-from tokenscale.orchestrator.driver import grid_status, init_ray, run_grid
+from tokenscale.orchestrator.driver import init_ray, run_grid
+from tokenscale.orchestrator.status import grid_status
 from tokenscale.sql import query
 from tokenscale.store import Store
 

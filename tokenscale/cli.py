@@ -12,7 +12,9 @@ from pathlib import Path
 
 from .store import Store
 
-DEMO_GRID = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+# A packaged grid (tokenscale.configs, shipped in the wheel): resolved by configs.grid_path,
+# so `tokenscale demo` works from a non-editable install too.
+DEMO_GRID = "demo"
 
 
 class CLIError(Exception):
@@ -49,7 +51,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from tokenscale.orchestrator.driver import grid_status
+    from tokenscale.orchestrator.status import grid_status  # Ray-free: reads Tune's state files
 
     rows = grid_status(_store(args), args.grid)
     columns = ["trial", "llm", "V", "compressor", "seed", "status", "error"]
@@ -191,15 +193,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import requests
     from ray import serve
 
+    from tokenscale.config import load_grid
+    from tokenscale.configs import grid_path
     from tokenscale.fitting.grid_fit import fit_grid
     from tokenscale.orchestrator.driver import init_ray, run_grid
-    from tokenscale.orchestrator.grid import load_grid
     from tokenscale.serve.app import start
 
     from .sql import query
 
     started = time.perf_counter()
-    grid = load_grid(args.config)
+    grid = load_grid(grid_path(args.config))
     store = _store(args)
     print(f"[1/4] running grid {grid.name!r}: {len(grid.trials())} trials -> {store.uri}", flush=True)
     summary = run_grid(grid, store, verbose=args.verbose)
@@ -313,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="run the demo grid, fit, serve, ask /optimal once")
-    p.add_argument("--config", default=str(DEMO_GRID), help="grid YAML (default: configs/demo.yaml)")
+    p.add_argument("--config", default=DEMO_GRID, help=f"grid YAML or packaged grid name (default: {DEMO_GRID})")
     p.add_argument("--store", help=store_help)
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--verbose", type=int, default=1, choices=[0, 1, 2])
@@ -322,13 +325,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tokenscale.fitting.law import FitError
-    from tokenscale.orchestrator.grid import GridError
-
+    # GridError, FitError, BudgetError, ReadOnlyError are ValueErrors: caught without
+    # importing their modules (which would cost every command torch/scipy imports).
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CLIError, GridError, FitError, ValueError) as err:
+    except (CLIError, ValueError) as err:
         print(f"tokenscale {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -6,11 +6,12 @@ import it.
 
 from __future__ import annotations
 
-from typing import Literal
-
-import numpy as np
+from typing import TYPE_CHECKING, Literal
 
 from tokenscale import compressors
+
+if TYPE_CHECKING:  # annotations only: the CLI imports this module, and numpy costs ~0.05 s
+    import numpy as np
 
 # E(N, V) = A·N^-α·V^-β + D (the authors' code) and A·N^-α + B·V^-β + D (Chinchilla-style)
 FORMS: tuple[str, ...] = ("product", "sum")

@@ -8,7 +8,7 @@ from urllib.parse import urlparse
 
 import duckdb
 
-from .store import LAW_SCHEMA, RESULT_SCHEMA, Store, s3_endpoint
+from .store import LAW_COLUMNS, RESULT_COLUMNS, Store, s3_endpoint
 
 _DUCK_TYPES = {
     "string": "VARCHAR",
@@ -58,8 +58,9 @@ def _s3_secret(con: duckdb.DuckDBPyConnection) -> None:
     con.execute(f"CREATE OR REPLACE SECRET tokenscale_s3 ({body})")
 
 
-def _empty_view(con: duckdb.DuckDBPyConnection, name: str, schema) -> None:
-    columns = ", ".join(f"NULL::{_DUCK_TYPES[str(f.type)]} AS \"{f.name}\"" for f in schema)
+def _empty_view(con: duckdb.DuckDBPyConnection, name: str, schema: tuple[tuple[str, str], ...]) -> None:
+    """A view with the record kind's columns (store.*_COLUMNS: name, Arrow type) and no rows."""
+    columns = ", ".join(f"NULL::{_DUCK_TYPES[kind]} AS \"{column}\"" for column, kind in schema)
     con.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT {columns} WHERE false")
 
 
@@ -71,8 +72,8 @@ def connect(store: Store) -> duckdb.DuckDBPyConnection:
         _s3_secret(con)
     keys = store.list(store.uri, ".parquet")  # one listing for both views
     for view, glob, schema, marker in (
-        ("results", store.results_glob(), RESULT_SCHEMA, "/results/"),
-        ("laws", store.laws_glob(), LAW_SCHEMA, "/laws/"),
+        ("results", store.results_glob(), RESULT_COLUMNS, "/results/"),
+        ("laws", store.laws_glob(), LAW_COLUMNS, "/laws/"),
     ):
         if any(marker in key for key in keys):
             # Columns live in the files; hive_partitioning off so the path's grid= and

@@ -15,6 +15,7 @@ object instead of adding a second one.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import re
@@ -24,42 +25,40 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 from urllib.parse import urlparse
 
-import pyarrow as pa
-import pyarrow.parquet as pq
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 DEFAULT_STORE = "./tokenscale-store"
 
 # One row per (trial, benchmark).
-RESULT_SCHEMA = pa.schema(
-    [
-        ("grid", pa.string()),
-        ("trial_id", pa.string()),
-        ("config_hash", pa.string()),
-        ("llm", pa.string()),
-        ("llm_params", pa.int64()),  # N as the paper's fitter uses it: declared `params`, else counted
-        ("llm_params_non_embedding", pa.int64()),  # counted, beside N
-        ("visual_tokens", pa.int64()),
-        ("compressor", pa.string()),
-        ("compressor_params", pa.int64()),
-        ("compressor_flops", pa.float64()),
-        ("seed", pa.int64()),
-        ("benchmark", pa.string()),
-        ("task_family", pa.string()),
-        ("score", pa.float64()),
-        ("error", pa.float64()),
-        ("chance", pa.float64()),
-        ("n_examples", pa.int64()),
-        ("text_tokens_mean", pa.float64()),
-        ("generated_tokens", pa.int64()),
-        ("inference_flops", pa.float64()),
-        ("train_seconds", pa.float64()),
-        ("eval_seconds", pa.float64()),
-        ("code_version", pa.string()),
-        ("finished_at", pa.timestamp("us", tz="UTC")),
-    ]
+RESULT_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("grid", "string"),
+    ("trial_id", "string"),
+    ("config_hash", "string"),
+    ("llm", "string"),
+    ("llm_params", "int64"),  # N as the paper's fitter uses it: declared `params`, else counted
+    ("llm_params_non_embedding", "int64"),  # counted, beside N
+    ("visual_tokens", "int64"),
+    ("compressor", "string"),
+    ("compressor_params", "int64"),
+    ("compressor_flops", "double"),
+    ("seed", "int64"),
+    ("benchmark", "string"),
+    ("task_family", "string"),
+    ("score", "double"),
+    ("error", "double"),
+    ("chance", "double"),
+    ("n_examples", "int64"),
+    ("text_tokens_mean", "double"),
+    ("generated_tokens", "int64"),
+    ("inference_flops", "double"),
+    ("train_seconds", "double"),
+    ("eval_seconds", "double"),
+    ("code_version", "string"),
+    ("finished_at", "timestamp[us, tz=UTC]"),
 )
 
 
@@ -121,38 +120,60 @@ def result_row(**values) -> dict:
 
 
 # One row per (grid, task_family, compressor, form).
-LAW_SCHEMA = pa.schema(
-    [
-        ("grid", pa.string()),
-        ("task_family", pa.string()),
-        ("compressor", pa.string()),
-        ("form", pa.string()),
-        ("A", pa.float64()),
-        ("B", pa.float64()),
-        ("alpha", pa.float64()),
-        ("beta", pa.float64()),
-        ("D", pa.float64()),
-        ("sse", pa.float64()),
-        ("r2", pa.float64()),
-        ("n_points", pa.int64()),
-        ("alpha_lo", pa.float64()),
-        ("alpha_hi", pa.float64()),
-        ("beta_lo", pa.float64()),
-        ("beta_hi", pa.float64()),
-        ("holdout_error", pa.float64()),
-        ("D_lo", pa.float64()),
-        ("D_hi", pa.float64()),
-        ("ratio_lo", pa.float64()),  # CI of alpha / beta, the paper's headline ratio
-        ("ratio_hi", pa.float64()),
-        ("ci_level", pa.float64()),
-        ("loss", pa.string()),
-        ("min_llm_params", pa.int64()),
-        ("max_llm_params", pa.int64()),
-        ("min_visual_tokens", pa.int64()),
-        ("max_visual_tokens", pa.int64()),
-        ("fitted_at", pa.timestamp("us", tz="UTC")),
-    ]
+LAW_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("grid", "string"),
+    ("task_family", "string"),
+    ("compressor", "string"),
+    ("form", "string"),
+    ("A", "double"),
+    ("B", "double"),
+    ("alpha", "double"),
+    ("beta", "double"),
+    ("D", "double"),
+    ("sse", "double"),
+    ("r2", "double"),
+    ("n_points", "int64"),
+    ("alpha_lo", "double"),
+    ("alpha_hi", "double"),
+    ("beta_lo", "double"),
+    ("beta_hi", "double"),
+    ("holdout_error", "double"),
+    ("D_lo", "double"),
+    ("D_hi", "double"),
+    ("ratio_lo", "double"),  # CI of alpha / beta, the paper's headline ratio
+    ("ratio_hi", "double"),
+    ("ci_level", "double"),
+    ("loss", "string"),
+    ("min_llm_params", "int64"),
+    ("max_llm_params", "int64"),
+    ("min_visual_tokens", "int64"),
+    ("max_visual_tokens", "int64"),
+    ("fitted_at", "timestamp[us, tz=UTC]"),
 )
+
+# Each record kind's columns as (name, Arrow type) above, its pyarrow schema
+# (`RESULT_SCHEMA`, `LAW_SCHEMA`) built on first use: pyarrow (and
+# numpy under it, ~0.1 s) is imported only where a table is built or read, so the CLI's
+# light commands (`sql`, `status`, `plan`) start without it.
+_COLUMNS = {"RESULT_SCHEMA": RESULT_COLUMNS, "LAW_SCHEMA": LAW_COLUMNS}
+
+
+@functools.cache
+def arrow_schema(name: str) -> pa.Schema:
+    """The pyarrow schema RESULT_SCHEMA, LAW_SCHEMA by name."""
+    import pyarrow as pa
+
+    types = {"string": pa.string(), "int64": pa.int64(), "double": pa.float64(),
+             "timestamp[us, tz=UTC]": pa.timestamp("us", tz="UTC")}
+    return pa.schema([(column, types[kind]) for column, kind in _COLUMNS[name]])
+
+
+def __getattr__(name: str) -> Any:
+    """`from tokenscale.store import RESULT_SCHEMA` (and the others) still works."""
+    if name in _COLUMNS:
+        return arrow_schema(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 S3_ATTEMPTS = 4  # per request, with boto3's standard backoff
 
@@ -218,6 +239,8 @@ def s3_endpoint() -> str | None:
 def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     """`table` in `schema`'s columns and types: columns an older writer did not have come
     back as nulls, so stores written before a column was added stay readable."""
+    import pyarrow as pa
+
     columns = [
         table[f.name].cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
         for f in schema
@@ -341,12 +364,17 @@ class Store:
         return sorted(p.name for p in root.iterdir() if (p / "results").is_dir()) if root.exists() else []
 
     def write_table(self, key: str, rows: Iterable[dict], schema: pa.Schema) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
         table = pa.Table.from_pylist(list(rows), schema=schema)
         buffer = io.BytesIO()
         pq.write_table(table, buffer)
         self.put_bytes(key, buffer.getvalue())
 
     def read_table(self, key: str) -> pa.Table:
+        import pyarrow.parquet as pq
+
         return pq.read_table(io.BytesIO(self.get_bytes(key)))
 
     # ---- the two record kinds ---------------------------------------------------------
@@ -354,23 +382,27 @@ class Store:
         if not rows:
             raise ValueError("a finished trial must write at least one result row")
         key = self.result_key(grid, compressor, config_hash)
-        self.write_table(key, rows, RESULT_SCHEMA)
+        self.write_table(key, rows, arrow_schema("RESULT_SCHEMA"))
         return key
 
     def has_result(self, grid: str, compressor: str, config_hash: str) -> bool:
         return self.exists(self.result_key(grid, compressor, config_hash))
 
     def read_results(self, grid: str) -> pa.Table:
+        import pyarrow as pa
+
         keys = self.list(self.join(grid, "results"), ".parquet")
-        tables = [conform(self.read_table(k), RESULT_SCHEMA) for k in keys]
-        return pa.concat_tables(tables) if tables else RESULT_SCHEMA.empty_table()
+        tables = [conform(self.read_table(k), arrow_schema("RESULT_SCHEMA")) for k in keys]
+        return pa.concat_tables(tables) if tables else arrow_schema("RESULT_SCHEMA").empty_table()
 
     def write_laws(self, grid: str, rows: list[dict]) -> str:
         key = self.laws_key(grid)
-        self.write_table(key, rows, LAW_SCHEMA)
+        self.write_table(key, rows, arrow_schema("LAW_SCHEMA"))
         return key
 
     def read_laws(self, grid: str | None = None) -> pa.Table:
+        import pyarrow as pa
+
         grids = [grid] if grid else self.grids()
-        tables = [conform(self.read_table(self.laws_key(g)), LAW_SCHEMA) for g in grids if self.exists(self.laws_key(g))]
-        return pa.concat_tables(tables) if tables else LAW_SCHEMA.empty_table()
+        tables = [conform(self.read_table(self.laws_key(g)), arrow_schema("LAW_SCHEMA")) for g in grids if self.exists(self.laws_key(g))]
+        return pa.concat_tables(tables) if tables else arrow_schema("LAW_SCHEMA").empty_table()
