@@ -49,11 +49,11 @@ def installed(tmp_path_factory) -> tuple[Path, dict[str, str], Path]:
         [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
         capture_output=True, text=True, check=True,
     ).stdout.strip()
-    # this interpreter's site dirs (its venv's, and any a .pth of it adds), never the checkout
+    # this interpreter's site dirs (its venv's, and any a .pth of it adds); the checkout is
+    # not among them (an editable install's finder .pth in them is not run from here)
     ours = [
         p for p in dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *sys.path])
         if ("site-packages" in p or "dist-packages" in p) and Path(p).is_dir()
-        and not Path(p).resolve().is_relative_to(REPO.resolve())
     ]
     Path(purelib, "_tokenscale_test_deps.pth").write_text("".join(f"{p}\n" for p in ours))
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONSTARTUP")}
