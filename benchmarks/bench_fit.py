@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from tokenscale.fitting.law import GRID_SIZE, fit_law
+from tokenscale.fitting.solve import GRID_SIZE, fit_law
 
 N_BILLIONS = [0.5, 1.8, 4, 7]  # the paper's Qwen-1.5 sizes, in their units
 TOKENS = [1, 4, 16, 36, 64, 144, 576]

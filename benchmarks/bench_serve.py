@@ -1,7 +1,7 @@
 """What an answer costs beyond Ray Serve itself: /optimal against a no-op, same instance.
 
 Starts Ray and the Serve app on a synthetic store (4 LLM sizes x 4 visual-token counts x
-2 compressors x 2 task families, laws fitted with bootstrap CIs), then load-tests two
+2 compressors x 2 task families, laws fitted with their bootstrap draws), then load-tests two
 endpoints of that one Serve instance over loopback:
 
   - GET /noop: a constant through the same deployment and response class (Serve's floor)
@@ -24,16 +24,19 @@ from __future__ import annotations
 import argparse
 import http.client
 import os
+import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 from urllib.parse import urlencode
 
 import numpy as np
 
 from tokenscale.fitting.grid_fit import fit_grid
-from tokenscale.fitting.synthetic import write_synthetic_results
 from tokenscale.store import Store
+
+TESTS = Path(__file__).resolve().parent.parent / "tests"  # synthetic.py: rows from known laws
 
 GRID = "bench-serve"
 LLMS = {"xs": 1_000_000, "s": 4_000_000, "m": 16_000_000, "l": 64_000_000}
@@ -48,6 +51,10 @@ BENCHMARKS = {"reasoning": ["mmmu", "scienceqa"], "ocr": ["textvqa"]}
 
 
 def synthetic_store(root: str) -> Store:
+    if str(TESTS) not in sys.path:
+        sys.path.insert(0, str(TESTS))
+    from synthetic import write_synthetic_results
+
     store = Store.open(root)
     write_synthetic_results(store, GRID, LLMS, TOKENS, TRUTH, BENCHMARKS)
     fit_grid(store, GRID)

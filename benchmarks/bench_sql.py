@@ -32,8 +32,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tokenscale.costs import inference_flops
 from tokenscale.sql import connect, query
-from tokenscale.store import RESULT_SCHEMA, Store
+from tokenscale.store import RESULT_SCHEMA, Store, result_row
 
 GRID = "bench"
 LLMS = {"qwen-0.5b": 464_000_000, "qwen-1.8b": 1_220_000_000, "qwen-4b": 3_200_000_000, "qwen-7b": 6_530_000_000, "qwen-14b": 12_600_000_000}
@@ -56,31 +57,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def trial_table(i: int, rows: int, rng: np.random.Generator) -> tuple[str, str, pa.Table]:
-    """One trial's object: a fixed (LLM, V, compressor, seed), rows cycling benchmarks."""
+    """One trial's object: a fixed (LLM, V, compressor, seed), rows cycling benchmarks. The
+    trial's columns come from one `result_row` (the typed row builder every writer uses),
+    the per-row ones (benchmark, family, score, error, query length) vary."""
     llm = list(LLMS)[i % len(LLMS)]
     tokens = TOKENS[(i // len(LLMS)) % len(TOKENS)]
     compressor = COMPRESSORS[(i // (len(LLMS) * len(TOKENS))) % len(COMPRESSORS)]
     seed = i // (len(LLMS) * len(TOKENS) * len(COMPRESSORS))
     names = list(BENCHMARKS)
-    bench = np.array(names)[np.arange(rows) % len(names)]
     score = rng.uniform(0.2, 0.9, rows)
-    now = datetime.now(timezone.utc)
     config_hash = f"{i:012x}"
-
-    def const(value, n=rows):
-        return [value] * n
-
-    columns = {
-        "grid": const(GRID), "trial_id": const(f"t{i}"), "config_hash": const(config_hash), "llm": const(llm),
-        "llm_params": np.full(rows, LLMS[llm]), "visual_tokens": np.full(rows, tokens), "compressor": const(compressor),
-        "compressor_params": np.full(rows, 1_000_000), "compressor_flops": np.full(rows, 1e9), "seed": np.full(rows, seed),
-        "benchmark": bench, "task_family": np.array([BENCHMARKS[b] for b in names])[np.arange(rows) % len(names)],
-        "score": score, "error": 1 - score, "chance": np.full(rows, 0.25), "n_examples": np.full(rows, 500),
-        "text_tokens_mean": rng.uniform(10, 60, rows), "generated_tokens": np.full(rows, 1),
-        "inference_flops": 2.0 * LLMS[llm] * (50 + tokens) * np.ones(rows), "train_seconds": np.full(rows, 3600.0),
-        "eval_seconds": np.full(rows, 60.0), "code_version": const("bench"), "finished_at": const(now),
+    trial = result_row(
+        grid=GRID, trial_id=f"t{i}", config_hash=config_hash, llm=llm, llm_params=LLMS[llm],
+        llm_params_non_embedding=int(0.85 * LLMS[llm]), visual_tokens=tokens, compressor=compressor,
+        compressor_params=1_000_000, compressor_flops=1e9, seed=seed, benchmark=names[0], task_family=BENCHMARKS[names[0]],
+        score=0.5, error=0.5, chance=0.25, n_examples=500, text_tokens_mean=50.0, generated_tokens=1,
+        inference_flops=float(inference_flops(LLMS[llm], 50.0, tokens, 1, compressor=compressor)),
+        train_seconds=3600.0, eval_seconds=60.0, code_version="bench", finished_at=datetime.now(timezone.utc),
+    )
+    cycle = np.arange(rows) % len(names)
+    varying = {
+        "benchmark": np.array(names)[cycle], "task_family": np.array([BENCHMARKS[b] for b in names])[cycle],
+        "score": score, "error": 1 - score, "text_tokens_mean": rng.uniform(10, 60, rows),
     }
-    arrays = [pa.array(columns[f.name], type=f.type) for f in RESULT_SCHEMA]
+    arrays = [pa.array(varying[f.name] if f.name in varying else [trial[f.name]] * rows, type=f.type) for f in RESULT_SCHEMA]
     return compressor, config_hash, pa.Table.from_arrays(arrays, schema=RESULT_SCHEMA)
 
 

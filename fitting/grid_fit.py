@@ -1,42 +1,56 @@
-"""Fit every (task_family, compressor, form) law of a grid from its results in the store."""
+"""Fit every (task_family, compressor, form) law of a grid from its results in the store,
+and store each law with its bootstrap draws."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime, timezone
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tokenscale.store import Store
+from tokenscale.costs import FORMS
+from tokenscale.store import LAW_N_COLUMNS, Store
 
-from .frontier import Candidate
-from .law import FORMS, FitError, Law, LawCI, bootstrap_law, fit_law, holdout_error
+from .law import LOSSES, N_COLUMN, FitError, Law
+from .solve import fit_law
+from .uncertainty import LawCI, bootstrap_law, holdout_error
 
 
-def law_points(results: pa.Table) -> dict[tuple[str, str], tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def check_n_column(results: pa.Table, n_column: str) -> None:
+    """`n_column` is one of LAW_N_COLUMNS and filled in every result row, or a FitError
+    saying which rows lack it and what to do."""
+    if n_column not in LAW_N_COLUMNS:
+        raise FitError(f"n_column {n_column!r}: choose one of {', '.join(LAW_N_COLUMNS)}")
+    missing = results[n_column].null_count if n_column in results.column_names else results.num_rows
+    if missing:
+        raise FitError(
+            f"{missing} of {results.num_rows} result rows have no {n_column} (written before that column "
+            f"existed): fit on another N (--n-column {N_COLUMN}), or re-run those trials"
+        )
+
+
+def law_points(
+    results: pa.Table, n_column: str = N_COLUMN
+) -> dict[tuple[str, str], tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """(task_family, compressor) -> (N, V, E): error averaged over a family's benchmarks
-    and over seeds, one point per (LLM, V), as the paper does."""
+    and over seeds, one point per (LLM, V), as the paper does; N from `n_column`."""
     # single-threaded and sorted: the points' order (and so the seeded bootstrap) is stable
-    grouped = results.group_by(["task_family", "compressor", "llm_params", "visual_tokens"], use_threads=False).aggregate(
+    grouped = results.group_by(["task_family", "compressor", n_column, "visual_tokens"], use_threads=False).aggregate(
         [("error", "mean")]
     )
-    grouped = grouped.sort_by([("llm_params", "ascending"), ("visual_tokens", "ascending")])
+    grouped = grouped.sort_by([(n_column, "ascending"), ("visual_tokens", "ascending")])
     points: dict[tuple[str, str], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     for key in {(f, c) for f, c in zip(grouped["task_family"].to_pylist(), grouped["compressor"].to_pylist(), strict=True)}:
         mask = pc.and_(pc.equal(grouped["task_family"], key[0]), pc.equal(grouped["compressor"], key[1]))
         part = grouped.filter(mask)
         points[key] = (
-            part["llm_params"].to_numpy().astype(float),
+            part[n_column].to_numpy().astype(float),
             part["visual_tokens"].to_numpy().astype(float),
             part["error_mean"].to_numpy().astype(float),
         )
     return points
-
-
-def candidates(results: pa.Table) -> list[Candidate]:
-    rows = results.select(["llm", "llm_params", "visual_tokens", "compressor"]).to_pylist()
-    return sorted({Candidate(**r) for r in rows}, key=lambda c: (c.llm_params, c.visual_tokens, c.compressor))
 
 
 def fit_grid(
@@ -47,28 +61,51 @@ def fit_grid(
     resamples: int = 200,
     level: float = 0.90,
     seed: int = 0,
+    n_column: str = N_COLUMN,
 ) -> tuple[list[dict], list[str]]:
     """Fit and write the grid's laws, one per (task_family, compressor, form), each with
-    percentile-bootstrap CIs (`resamples`, `level`, `seed`) and the leave-largest-LLM-out
-    holdout error; returns (law rows, messages about laws not fitted)."""
+    percentile-bootstrap CIs (`resamples`, `level`, `seed`, refitted with `loss`) and the
+    leave-largest-LLM-out holdout error, N taken from the results column `n_column`
+    (`llm_params`, the paper's N, or `llm_params_non_embedding`). Writes the laws'
+    bootstrap draws to `Store.draws_key(grid)` first, then the laws to
+    `Store.laws_key(grid)` (the object the Serve app watches), each in one write, both
+    stamped with the same `fitted_at`. Returns (law rows, messages about laws not fitted)."""
+    if loss not in LOSSES:
+        raise FitError(f"loss {loss!r}: choose one of {', '.join(LOSSES)}")
     results = store.read_results(grid)
     if results.num_rows == 0:
         raise FitError(f"grid {grid!r} has no results in {store.uri}: run it first")
-    rows, skipped = [], []
+    check_n_column(results, n_column)
+    rows, draws, skipped = [], [], []
     now = datetime.now(timezone.utc)
-    for (family, compressor), (n, v, e) in sorted(law_points(results).items()):
+    for (family, compressor), (n, v, e) in sorted(law_points(results, n_column).items()):
         for form in FORMS:
             try:
-                law = fit_law(n, v, e, form, loss=loss)
+                law = replace(fit_law(n, v, e, form, loss=loss), llm_params_column=n_column)
             except FitError as err:
                 skipped.append(f"{family}/{compressor}/{form}: {err}")
                 continue
             ci = bootstrap_law(n, v, e, form, law=law, resamples=resamples, level=level, seed=seed, loss=loss)
             holdout = holdout_error(n, v, e, form, loss=loss)
             rows.append(law_row(grid, family, compressor, law, n, v, now, ci=ci, holdout=holdout))
+            draws.extend(draw_rows(grid, family, compressor, ci, now))
     if rows:
+        store.write_draws(grid, draws)
         store.write_laws(grid, rows)
     return rows, skipped
+
+
+def draw_rows(grid: str, family: str, compressor: str, ci: LawCI, fitted_at: datetime) -> list[dict]:
+    """A law's bootstrap draws as draws-parquet rows (DRAW_SCHEMA), one per resample."""
+    d = ci.draws
+    return [
+        {
+            "grid": grid, "task_family": family, "compressor": compressor, "form": d.form, "draw": i,
+            "A": float(d.A[i]), "B": float(d.B[i]) if d.form == "sum" else None, "alpha": float(d.alpha[i]),
+            "beta": float(d.beta[i]), "D": float(d.D[i]), "fitted_at": fitted_at,
+        }
+        for i in range(len(d))
+    ]
 
 
 def law_row(
@@ -83,12 +120,11 @@ def law_row(
     ci: LawCI | None = None,
     holdout: float = float("nan"),
 ) -> dict:
-    """One laws-parquet row. Keys beyond LAW_SCHEMA (D and alpha/beta CIs, the CI level,
-    the loss) ride along for JSON output; pyarrow drops them when the row is written."""
+    """One laws-parquet row (LAW_SCHEMA)."""
     nan = float("nan")
     intervals = ci.to_dict() if ci is not None else {
         "ci_level": nan, "alpha_lo": nan, "alpha_hi": nan, "beta_lo": nan, "beta_hi": nan,
-        "D_lo": nan, "D_hi": nan, "ratio_lo": nan, "ratio_hi": nan,
+        "D_lo": nan, "D_hi": nan, "ratio_lo": nan, "ratio_hi": nan, "ci_resamples": 0, "ci_seed": None,
     }
     return {
         "grid": grid,
@@ -118,15 +154,8 @@ def law_row(
         "ratio_lo": intervals["ratio_lo"],
         "ratio_hi": intervals["ratio_hi"],
         "ci_level": intervals["ci_level"],
+        "ci_resamples": intervals["ci_resamples"],
+        "ci_seed": intervals["ci_seed"],
         "loss": law.loss,
+        "llm_params_column": law.llm_params_column,
     }
-
-
-def laws_from_table(table: pa.Table) -> list[tuple[dict, Law]]:
-    """Law rows read back from the store, each with its `Law`."""
-    out = []
-    for row in table.to_pylist():
-        law = Law(row["form"], A=row["A"], alpha=row["alpha"], beta=row["beta"], D=row["D"], B=row["B"],
-                  sse=row["sse"], r2=row["r2"], n_points=row["n_points"], loss=row.get("loss") or "squared")
-        out.append((row, law))
-    return out

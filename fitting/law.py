@@ -1,50 +1,45 @@
-"""The scaling law E(N, V) and its least-squares fit.
+"""The scaling law E(N, V) and its prediction: what a fitted law says, without fitting.
 
   product form (the paper's code): E = A * N^-alpha * V^-beta + D
   sum form (Chinchilla-style):     E = A * N^-alpha + B * V^-beta + D
 
-N = LLM non-embedding parameters, V = visual tokens, E = error in [0, 1].
+N = LLM parameters (the results column the law was fitted on, `Law.llm_params_column`:
+`llm_params`, the paper's N, by default), V = visual tokens, E = error in [0, 1].
 
-Bounds: A, B >= 0; 0 <= alpha, beta <= EXPONENT_MAX (3: a power law steeper than N^-3 is
-far outside anything seen for LLM or token scaling, and the bound keeps the search space
-compact so a grid can cover it); 0 <= D < min(error) (the irreducible error cannot exceed
-an observed error).
-
-How the fit finds the global optimum: for fixed exponents (alpha, beta) the model is linear
-in the amplitudes and D, so the best amplitudes are a 2- or 3-variable box-constrained
-linear least-squares problem. That problem is solved exactly for every cell of a coarse
-(alpha, beta) grid at once (numpy, vectorized) by enumerating its active sets, which gives
-the profile of the squared error over the exponents (41 x 41 cells, quadratically spaced
-so they are dense at small exponents). The best few local minima of that profile are
-then polished two ways, keeping the best: scipy's bounded least squares over all
-parameters (amplitudes then re-solved exactly at the polished exponents), and a
-vectorized descent on the profile itself (`_descend`). Everything is deterministic.
-
-Huber (`loss="huber"`) starts from the squared-loss optimum and the grid minima; its
-objective is not profiled, so that fit is a multi-start local one.
-
-Bootstrap CIs refit every resample with the same profile machinery, vectorized over
-resamples (count-weighted Gram matrices), so 200 resamples take well under a second.
+numpy only: the Serve app imports this module (and `frontier`) to answer from stored laws
+and their stored bootstrap draws, never the solver (`solve`) or the bootstrap
+(`uncertainty`).
 """
 
 from __future__ import annotations
 
-import itertools
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
-from scipy.optimize import least_squares, minimize_scalar
 
-FORMS = ("product", "sum")
-LOSSES = ("squared", "huber")
-EXPONENT_MAX = 3.0
-GRID_SIZE = 41  # coarse grid points per exponent for the full fit
-BOOTSTRAP_GRID_SIZE = 13  # the cheap path used for each bootstrap resample
+from tokenscale.costs import FORMS
+
+N_COLUMN = "llm_params"  # the results column a law is fitted on unless told otherwise
+LOSSES = ("squared", "huber")  # what a law can be fitted (and bootstrapped) with
 
 
 class FitError(ValueError):
     """Points that cannot determine a law; the message says why."""
+
+
+def n_parameters(form: str) -> int:
+    return 4 if form == "product" else 5
+
+
+def predict(form: str, A, alpha, beta, D, B, llm_params, visual_tokens) -> np.ndarray:
+    """E(N, V) of the `form` law with these parameters. Everything broadcasts: scalars give
+    one law, parameter arrays of shape (draws, 1) against points of shape (points,) give
+    every draw's prediction at every point."""
+    n = np.asarray(llm_params, dtype=float)
+    v = np.asarray(visual_tokens, dtype=float)
+    if form == "product":
+        return A * n**-alpha * v**-beta + D
+    return A * n**-alpha + B * v**-beta + D
 
 
 @dataclass(frozen=True)
@@ -60,388 +55,17 @@ class Law:
     n_points: int = 0
     seconds: float = 0.0
     loss: str = "squared"
+    llm_params_column: str = N_COLUMN  # which N the law was fitted on (and so predicts from)
 
     def predict(self, llm_params, visual_tokens) -> np.ndarray:
-        n = np.asarray(llm_params, dtype=float)
-        v = np.asarray(visual_tokens, dtype=float)
-        if self.form == "product":
-            return self.A * n ** -self.alpha * v ** -self.beta + self.D
-        return self.A * n ** -self.alpha + self.B * v ** -self.beta + self.D
+        return predict(self.form, self.A, self.alpha, self.beta, self.D, self.B, llm_params, visual_tokens)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def n_parameters(form: str) -> int:
-    return 4 if form == "product" else 5
-
-
-def check_points(llm_params, visual_tokens, error, form: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The points as float arrays, or a FitError saying why they cannot determine a law."""
-    if form not in FORMS:
-        raise FitError(f"form {form!r}: choose one of {', '.join(FORMS)}")
-    n, v, e = (np.asarray(x, dtype=float).ravel() for x in (llm_params, visual_tokens, error))
-    if not (len(n) == len(v) == len(e)):
-        raise FitError("llm_params, visual_tokens and error must have the same length")
-    for name, x in (("llm_params", n), ("visual_tokens", v), ("error", e)):
-        if not np.all(np.isfinite(x)):
-            raise FitError(f"{name}: contains NaN or infinite values")
-    if np.any(n <= 0) or np.any(v <= 0):
-        raise FitError("llm_params and visual_tokens must be positive")
-    if np.any(e < 0) or np.any(e > 1):
-        raise FitError("error must lie in [0, 1] (error = 1 - normalized score)")
-    k = n_parameters(form)
-    if len(e) <= k:
-        raise FitError(f"{len(e)} points cannot determine the {form} form's {k} parameters: need more than {k}")
-    if len(np.unique(n)) < 2:
-        raise FitError("all points have one LLM size: alpha (the LLM-size exponent) is undetermined")
-    if len(np.unique(v)) < 2:
-        raise FitError("all points have one visual-token count: beta (the token exponent) is undetermined")
-    distinct = len(np.unique(np.stack([n, v]), axis=1).T)
-    if distinct < k:
-        raise FitError(
-            f"only {distinct} distinct (llm_params, visual_tokens) pairs: the {form} form's {k} "
-            f"parameters need at least {k} (repeated seeds of one point add no information about the shape)"
-        )
-    return n, v, e
-
-
-# ---- the scaled problem --------------------------------------------------------------------
-
-
-@dataclass
-class _Problem:
-    """Points with N and V divided by their geometric means, so the features N^-alpha and
-    V^-beta stay O(1) over the whole exponent range and the amplitudes are well scaled."""
-
-    form: str
-    ln: np.ndarray
-    lv: np.ndarray
-    e: np.ndarray
-    n_ref: float
-    v_ref: float
-    d_max: float = field(init=False)
-
-    def __post_init__(self) -> None:
-        # D < min(error); when some error is (almost) 0, D is pinned at 0
-        self.d_max = max(float(self.e.min()) - 1e-9, 0.0)
-
-    @classmethod
-    def from_points(cls, n: np.ndarray, v: np.ndarray, e: np.ndarray, form: str) -> _Problem:
-        n_ref, v_ref = float(np.exp(np.log(n).mean())), float(np.exp(np.log(v).mean()))
-        return cls(form, np.log(n / n_ref), np.log(v / v_ref), e, n_ref, v_ref)
-
-    def subset(self, index: np.ndarray) -> _Problem:
-        # same reference scales: bootstrap warm starts stay comparable with the full fit
-        return _Problem(self.form, self.ln[index], self.lv[index], self.e[index], self.n_ref, self.v_ref)
-
-    # parameter vectors in scaled space: product [a, alpha, beta, d]; sum [a, alpha, b, beta, d]
-    @property
-    def exponent_index(self) -> tuple[int, int]:
-        return (1, 2) if self.form == "product" else (1, 3)
-
-    def lower_upper(self) -> tuple[np.ndarray, np.ndarray]:
-        if self.form == "product":
-            return np.array([0.0, 0.0, 0.0, 0.0]), np.array([np.inf, EXPONENT_MAX, EXPONENT_MAX, self.d_max])
-        return (np.zeros(5), np.array([np.inf, EXPONENT_MAX, np.inf, EXPONENT_MAX, self.d_max]))
-
-    def model(self, p: np.ndarray, ln=None, lv=None) -> np.ndarray:
-        ln = self.ln if ln is None else ln
-        lv = self.lv if lv is None else lv
-        if self.form == "product":
-            return p[0] * np.exp(-p[1] * ln - p[2] * lv) + p[3]
-        return p[0] * np.exp(-p[1] * ln) + p[2] * np.exp(-p[3] * lv) + p[4]
-
-    def jacobian(self, p: np.ndarray) -> np.ndarray:
-        if self.form == "product":
-            x = np.exp(-p[1] * self.ln - p[2] * self.lv)
-            return np.column_stack([x, -p[0] * self.ln * x, -p[0] * self.lv * x, np.ones_like(x)])
-        xn, xv = np.exp(-p[1] * self.ln), np.exp(-p[3] * self.lv)
-        return np.column_stack([xn, -p[0] * self.ln * xn, xv, -p[2] * self.lv * xv, np.ones_like(xn)])
-
-    def sse(self, p: np.ndarray) -> float:
-        return float(np.sum((self.model(p) - self.e) ** 2))
-
-    def to_law(self, p: np.ndarray, loss: str) -> Law:
-        sse = self.sse(p)
-        total = float(np.sum((self.e - self.e.mean()) ** 2))
-        r2 = 1 - sse / total if total > 0 else float("nan")
-        common = {"sse": sse, "r2": r2, "n_points": len(self.e), "loss": loss}
-        if self.form == "product":
-            return Law("product", A=float(p[0] * self.n_ref ** p[1] * self.v_ref ** p[2]), alpha=float(p[1]),
-                       beta=float(p[2]), D=float(p[3]), **common)
-        return Law("sum", A=float(p[0] * self.n_ref ** p[1]), alpha=float(p[1]), B=float(p[2] * self.v_ref ** p[3]),
-                   beta=float(p[3]), D=float(p[4]), **common)
-
-    def from_law(self, law: Law) -> np.ndarray:
-        if law.form == "product":
-            return np.array([law.A * self.n_ref ** -law.alpha * self.v_ref ** -law.beta, law.alpha, law.beta, law.D])
-        return np.array([law.A * self.n_ref ** -law.alpha, law.alpha, law.B * self.v_ref ** -law.beta, law.beta, law.D])
-
-    # ---- exact amplitudes for given exponents (vectorized over cells) ------------------
-    def features(self, alpha: np.ndarray, beta: np.ndarray) -> np.ndarray:
-        """(cells, points, k): the linear model's columns, D's column (ones) last."""
-        a, b = alpha[:, None], beta[:, None]
-        ones = np.ones((len(alpha), len(self.e)))
-        if self.form == "product":
-            return np.stack([np.exp(-a * self.ln - b * self.lv), ones], axis=2)
-        return np.stack([np.exp(-a * self.ln), np.exp(-b * self.lv), ones], axis=2)
-
-    def amplitudes(self, alpha: np.ndarray, beta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """For each (alpha, beta) cell the exact bounded least-squares amplitudes and D,
-        and the SSE there. Returns (coefficients (cells, k), sse (cells,))."""
-        F = self.features(alpha, beta)
-        G = np.einsum("cpi,cpj->cij", F, F)
-        return _box_lstsq(G, np.einsum("cpi,p->ci", F, self.e), np.asarray(float(self.e @ self.e)), self.d_max)
-
-    def full_params(self, alpha: np.ndarray, beta: np.ndarray, coef: np.ndarray) -> np.ndarray:
-        """Scaled parameter vectors (cells, 4 or 5) from exponents and linear coefficients."""
-        if self.form == "product":
-            return np.column_stack([coef[:, 0], alpha, beta, coef[:, 1]])
-        return np.column_stack([coef[:, 0], alpha, coef[:, 1], beta, coef[:, 2]])
-
-
-def _solve_small(M: np.ndarray, rhs: np.ndarray) -> np.ndarray:
-    """Batched solve of 1x1, 2x2 or 3x3 systems by Cramer's rule: for these sizes plain
-    arithmetic on whole arrays is several times faster than LAPACK's batched solve.
-    A singular system gives inf/nan, which the caller treats as infeasible."""
-    k = M.shape[-1]
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        if k == 1:
-            return rhs / M[..., 0]
-        if k == 2:
-            det = M[..., 0, 0] * M[..., 1, 1] - M[..., 0, 1] * M[..., 1, 0]
-            x0 = (rhs[..., 0] * M[..., 1, 1] - M[..., 0, 1] * rhs[..., 1]) / det
-            x1 = (M[..., 0, 0] * rhs[..., 1] - rhs[..., 0] * M[..., 1, 0]) / det
-            return np.stack([x0, x1], axis=-1)
-        # inverse = [r1 x r2, r2 x r0, r0 x r1] (as columns) / det, r_i the rows of M
-        cof = np.stack([np.cross(M[..., 1, :], M[..., 2, :]), np.cross(M[..., 2, :], M[..., 0, :]),
-                        np.cross(M[..., 0, :], M[..., 1, :])], axis=-1)
-        det = np.einsum("...i,...i->...", M[..., 0, :], cof[..., :, 0])
-        return np.einsum("...ij,...j->...i", cof, rhs) / det[..., None]
-
-
-def _box_lstsq(G: np.ndarray, b: np.ndarray, ee: np.ndarray, d_max) -> tuple[np.ndarray, np.ndarray]:
-    """min ||F c - e||^2 over c with amplitudes c[:-1] >= 0 and 0 <= c[-1] <= d_max, for a
-    batch of problems given by their Gram matrices G = F'F (..., k, k), b = F'e (..., k)
-    and ee = e'e (...); k = 2 or 3, D's column last. `d_max` is a scalar or (...).
-
-    The problem is convex, so its optimum is the unconstrained optimum of some active set
-    (each variable free, or fixed at one of its bounds). With k <= 3 there are at most
-    2 * 2 * 3 = 12 such sets: solve every one, clip each solution into the box (which keeps
-    it feasible and leaves the true optimum unchanged) and keep the lowest SSE, computed
-    as e'e - 2 c'b + c'Gc so no residuals are formed per active set."""
-    k = G.shape[-1]
-    batch = G.shape[:-2]
-    d_max = np.broadcast_to(np.asarray(d_max, dtype=float), batch)
-    upper = np.concatenate([np.full(batch + (k - 1,), np.inf), d_max[..., None]], axis=-1)
-    states = [("free", "low")] * (k - 1) + [("free", "low", "high")]
-    best_c = np.zeros(batch + (k,))
-    best_sse = np.full(batch, np.inf)
-    eye = np.eye(k)
-    for combo in itertools.product(*states):
-        free = [i for i, s in enumerate(combo) if s == "free"]
-        fixed = [i for i in range(k) if i not in free]
-        c = np.zeros(batch + (k,))
-        if combo[-1] == "high":
-            c[..., -1] = d_max
-        if free:
-            rhs = b[..., free] - np.einsum("...ij,...j->...i", G[..., free, :][..., fixed], c[..., fixed])
-            M = G[..., free, :][..., free]
-            # a tiny ridge keeps exactly collinear columns (alpha = 0 makes N^-alpha a
-            # constant, like D's column) solvable; those cells' optimum lies on an edge,
-            # which another active set covers exactly
-            ridge = 1e-12 * np.trace(M, axis1=-2, axis2=-1)[..., None, None] * eye[: len(free), : len(free)]
-            c[..., free] = _solve_small(M + ridge, rhs)
-        c = np.clip(c, 0.0, upper)
-        sse = ee + np.sum(c * (np.einsum("...ij,...j->...i", G, c) - 2 * b), axis=-1)
-        sse = np.where(np.isfinite(sse), np.maximum(sse, 0.0), np.inf)
-        better = sse < best_sse
-        best_sse = np.where(better, sse, best_sse)
-        best_c = np.where(better[..., None], c, best_c)
-    return best_c, best_sse
-
-
-def exponent_grid(size: int) -> np.ndarray:
-    """Grid over [0, EXPONENT_MAX], quadratically spaced: dense near 0, where measured
-    exponents live (0.01 - 1), coarse near the bound."""
-    return EXPONENT_MAX * np.linspace(0.0, 1.0, size) ** 2
-
-
-def _grid_starts(problem: _Problem, size: int, starts: int) -> tuple[np.ndarray, np.ndarray]:
-    """Profile SSE over a size x size (alpha, beta) grid; returns the parameter vectors of
-    up to `starts` grid local minima (best first) and their SSEs."""
-    g = exponent_grid(size)
-    alpha, beta = (x.ravel() for x in np.meshgrid(g, g, indexing="ij"))
-    coef, sse = problem.amplitudes(alpha, beta)
-    surface = sse.reshape(size, size)
-    # a cell is a local minimum when no 8-neighbour is lower: one start per basin, so the
-    # polish explores distinct valleys instead of neighbouring cells of one valley
-    padded = np.pad(surface, 1, constant_values=np.inf)
-    neighbours = np.stack([padded[1 + di: 1 + di + size, 1 + dj: 1 + dj + size]
-                           for di in (-1, 0, 1) for dj in (-1, 0, 1) if (di, dj) != (0, 0)])
-    minima = np.flatnonzero((surface <= neighbours.min(axis=0)).ravel())
-    order = minima[np.argsort(sse[minima], kind="stable")][:starts]
-    return problem.full_params(alpha[order], beta[order], coef[order]), sse[order]
-
-
-def _polish(problem: _Problem, p0: np.ndarray, loss: str, f_scale: float, tol: float = 1e-12) -> np.ndarray:
-    """Bounded least squares from p0 (trust-region reflective, analytic Jacobian)."""
-    lower, upper = problem.lower_upper()
-    free = lower < upper  # D is pinned at 0 when some error is 0
-    p_fixed = np.where(free, p0, lower)
-
-    def expand(q: np.ndarray) -> np.ndarray:
-        p = p_fixed.copy()
-        p[free] = q
-        return p
-
-    start = np.clip(p0[free], lower[free], upper[free])
-    # least_squares wants a start strictly inside the box; nudge points on a finite bound
-    span = np.where(np.isfinite(upper[free]), upper[free] - lower[free], 1.0)
-    start = np.clip(start, lower[free] + 1e-10 * span, np.where(np.isfinite(upper[free]), upper[free] - 1e-10 * span, np.inf))
-    result = least_squares(
-        lambda q: problem.model(expand(q)) - problem.e,
-        start,
-        jac=lambda q: problem.jacobian(expand(q))[:, free],
-        bounds=(lower[free], upper[free]),
-        method="trf",
-        loss="linear" if loss == "squared" else "huber",
-        f_scale=f_scale,
-        x_scale="jac",
-        ftol=tol,
-        xtol=tol,
-        gtol=tol,
-        max_nfev=200,
-    )
-    return expand(result.x)
-
-
-def _reprofile(problem: _Problem, p: np.ndarray) -> np.ndarray:
-    """The exact bounded amplitudes at p's exponents: never worse in SSE than p."""
-    i, j = problem.exponent_index
-    coef, sse = problem.amplitudes(np.array([p[i]]), np.array([p[j]]))
-    q = problem.full_params(np.array([p[i]]), np.array([p[j]]), coef)[0]
-    return q if sse[0] <= problem.sse(p) else p
-
-
-def _robust_cost(problem: _Problem, p: np.ndarray, f_scale: float) -> float:
-    r = np.abs(problem.model(p) - problem.e)
-    return float(np.sum(np.where(r <= f_scale, r**2, 2 * f_scale * r - f_scale**2)))
-
-
-def _default_f_scale(problem: _Problem, p: np.ndarray) -> float:
-    """Huber's threshold: 1.345 robust standard deviations of the squared-loss residuals
-    (1.4826 * MAD), the usual 95%-efficiency choice."""
-    r = problem.model(p) - problem.e
-    sigma = 1.4826 * float(np.median(np.abs(r - np.median(r))))
-    return 1.345 * max(sigma, 1e-8)
-
-
-def _fit_problem(
-    problem: _Problem,
-    loss: str = "squared",
-    f_scale: float | None = None,
-    grid_size: int = GRID_SIZE,
-    starts: int = 4,
-) -> tuple[np.ndarray, float]:
-    """Scaled parameters of the best fit and the Huber f_scale used (nan for squared)."""
-    candidates, _ = _grid_starts(problem, grid_size, starts)
-    # two independent polishes of every grid minimum: scipy's bounded least squares in the
-    # full parameter space (then the amplitudes re-solved exactly), and the profile descent
-    # over the exponents alone (which cannot stall on an amplitude bound); keep the best
-    polished = [_reprofile(problem, _polish(problem, p0, "squared", 1.0)) for p0 in candidates]
-    ia, ib = problem.exponent_index
-    ones = np.ones((len(candidates), len(problem.e)))
-    d_max = np.full(len(candidates), problem.d_max)
-    a, b = _descend(problem, ones, d_max, candidates[:, ia], candidates[:, ib], EXPONENT_MAX / (grid_size - 1), 80)
-    coef, _ = _weighted_profile(problem, ones, a[:, None], b[:, None], d_max)
-    polished.extend(problem.full_params(a, b, coef[:, 0]))
-    sses = [problem.sse(p) for p in [*candidates, *polished]]
-    best = [*candidates, *polished][int(np.argmin(sses))]
-    if loss == "squared":
-        return best, float("nan")
-    # Huber: the squared-loss optimum (global) and the grid minima start the robust polish;
-    # the robust objective is not profiled on the grid, so this is a multi-start local fit
-    scale = f_scale if f_scale is not None else _default_f_scale(problem, best)
-    robust, robust_cost = best, _robust_cost(problem, best, scale)
-    for p0 in [best, *candidates]:
-        p = _polish(problem, p0, "huber", scale)
-        cost = _robust_cost(problem, p, scale)
-        if cost < robust_cost:
-            robust, robust_cost = p, cost
-    return robust, scale
-
-
-def fit_law(
-    llm_params,
-    visual_tokens,
-    error,
-    form: str = "product",
-    *,
-    loss: str = "squared",
-    f_scale: float | None = None,
-    grid_size: int = GRID_SIZE,
-    starts: int = 4,
-) -> Law:
-    """The law minimizing the squared error (or, with loss="huber", Huber's loss with
-    threshold `f_scale`, by default 1.345 robust SDs of the squared-loss residuals) under
-    the bounds in the module docstring. `grid_size` points per exponent for the coarse
-    grid, `starts` grid local minima polished."""
-    started = time.perf_counter()
-    if loss not in LOSSES:
-        raise FitError(f"loss {loss!r}: choose one of {', '.join(LOSSES)}")
-    n, v, e = check_points(llm_params, visual_tokens, error, form)
-    problem = _Problem.from_points(n, v, e, form)
-    p, _ = _fit_problem(problem, loss, f_scale, grid_size, starts)
-    law = problem.to_law(p, loss)
-    return Law(**{**law.to_dict(), "seconds": time.perf_counter() - started})
-
-
-# ---- uncertainty -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LawCI:
-    """Percentile bootstrap intervals of a law (points resampled with replacement)."""
-
-    form: str
-    level: float
-    resamples: int
-    failed: int  # resamples redrawn because they could not determine the law
-    alpha: tuple[float, float]
-    beta: tuple[float, float]
-    D: tuple[float, float]
-    ratio: tuple[float, float]  # alpha / beta
-    params: np.ndarray = field(repr=False, compare=False)  # (resamples, 4 or 5) scaled parameters
-    n_ref: float = 1.0
-    v_ref: float = 1.0
-
-    def error_interval(self, llm_params, visual_tokens) -> tuple[np.ndarray, np.ndarray]:
-        """(lo, hi): the percentile interval of the predicted error at each (N, V)."""
-        n = np.atleast_1d(np.asarray(llm_params, dtype=float))
-        v = np.atleast_1d(np.asarray(visual_tokens, dtype=float))
-        n, v = np.broadcast_arrays(n, v)
-        if len(self.params) == 0:
-            nan = np.full(n.shape, np.nan)
-            return nan, nan.copy()
-        problem = _Problem(self.form, np.log(n / self.n_ref).ravel(), np.log(v / self.v_ref).ravel(),
-                           np.ones(n.size), self.n_ref, self.v_ref)
-        predictions = np.stack([problem.model(p) for p in self.params])  # (resamples, points)
-        lo, hi = _percentile_interval(predictions, self.level)
-        return lo.reshape(n.shape), hi.reshape(n.shape)
-
-    def to_dict(self) -> dict:
-        return {
-            "ci_level": self.level,
-            "alpha_lo": self.alpha[0], "alpha_hi": self.alpha[1],
-            "beta_lo": self.beta[0], "beta_hi": self.beta[1],
-            "D_lo": self.D[0], "D_hi": self.D[1],
-            "ratio_lo": self.ratio[0], "ratio_hi": self.ratio[1],
-        }
-
-
-def _percentile_interval(samples: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
+def percentile_interval(samples: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
+    """The ((1 - level)/2, (1 + level)/2) percentiles of `samples` along axis 0."""
     # inverted_cdf: no interpolation between order statistics, so an infinite ratio
     # (beta = 0 in a resample) gives inf instead of inf - inf = nan
     q = [(1 - level) / 2, (1 + level) / 2]
@@ -449,225 +73,66 @@ def _percentile_interval(samples: np.ndarray, level: float) -> tuple[np.ndarray,
     return lo, hi
 
 
-def _weighted_profile(
-    problem: _Problem, counts: np.ndarray, alpha: np.ndarray, beta: np.ndarray, d_max: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Exact bounded amplitudes and SSE for resample r (point weights counts[r]) at the
-    exponents alpha[r, c], beta[r, c]: returns coef (R, C, k) and sse (R, C)."""
-    R, C = alpha.shape
-    F = problem.features(alpha.ravel(), beta.ravel()).reshape(R, C, len(problem.e), -1)
-    Fw = F * counts[:, None, :, None]
-    G = np.matmul(Fw.transpose(0, 1, 3, 2), F)  # (R, C, k, k)
-    b = np.einsum("rcpi,p->rci", Fw, problem.e)
-    ee = (counts @ problem.e**2)[:, None]
-    return _box_lstsq(G, b, ee, d_max[:, None])
+@dataclass(frozen=True)
+class Draws:
+    """A law's joint bootstrap parameter draws, one entry per resample (B is NaN in the
+    product form): what `tokenscale fit` stores in draws.parquet beside the law, so that
+    prediction intervals, and decisions under uncertainty, come from the fit's own
+    resamples."""
+
+    form: str
+    A: np.ndarray
+    alpha: np.ndarray
+    beta: np.ndarray
+    D: np.ndarray
+    B: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.A)
+
+    @classmethod
+    def from_columns(cls, form: str, A, alpha, beta, D, B=None) -> Draws:
+        arrays = [np.asarray(x, dtype=float).ravel() for x in (A, alpha, beta, D)]
+        # B of the product form: NaN (stored as null)
+        b = np.full(len(arrays[0]), np.nan) if B is None else np.asarray(B, dtype=float).ravel()
+        return cls(form, *arrays, b)
+
+    def head(self, count: int) -> Draws:
+        """The first `count` draws."""
+        return Draws(self.form, self.A[:count], self.alpha[:count], self.beta[:count], self.D[:count], self.B[:count])
+
+    def predict(self, llm_params, visual_tokens) -> np.ndarray:
+        """(draws, *shape): each draw's predicted error at each (N, V) (broadcast together)."""
+        n, v = np.broadcast_arrays(np.asarray(llm_params, dtype=float), np.asarray(visual_tokens, dtype=float))
+        col = [x[:, None] for x in (self.A, self.alpha, self.beta, self.D, self.B)]
+        with np.errstate(all="ignore"):
+            out = predict(self.form, col[0], col[1], col[2], col[3], col[4], n.ravel(), v.ravel())
+        return out.reshape((len(self),) + n.shape)
+
+    def error_interval(self, llm_params, visual_tokens, level: float) -> tuple[np.ndarray, np.ndarray]:
+        """(lo, hi): the percentile interval of the predicted error at each (N, V), at least
+        1-d; NaN without draws."""
+        n, v = np.broadcast_arrays(np.atleast_1d(np.asarray(llm_params, dtype=float)),
+                                   np.atleast_1d(np.asarray(visual_tokens, dtype=float)))
+        if len(self) == 0:
+            nan = np.full(n.shape, np.nan)
+            return nan, nan.copy()
+        return percentile_interval(self.predict(n, v), level)
 
 
-def _bootstrap_fits(problem: _Problem, draws: np.ndarray, size: int, warm: np.ndarray, iterations: int = 60) -> np.ndarray:
-    """Squared-loss fits of all resamples at once, with no per-resample optimizer call.
-
-    A resample is the full point set weighted by how often each point was drawn, so its
-    normal equations are count-weighted Gram matrices. Each resample starts from the better
-    of its best cell on a size x size exponent grid and the full-data fit's exponents
-    (`warm`), then `_descend` minimizes the profiled SSE over the exponents, the
-    amplitudes being solved exactly at every trial point."""
-    R = len(draws)
-    points = len(problem.e)
-    counts = np.stack([np.bincount(d, minlength=points) for d in draws]).astype(float)  # (R, P)
-    drawn_min = np.where(counts > 0, problem.e, np.inf).min(axis=1)
-    d_max = np.maximum(drawn_min - 1e-9, 0.0)
-    ia, ib = problem.exponent_index
-    g = exponent_grid(size)
-    ga, gb = (np.append(x.ravel(), w) for x, w in zip(np.meshgrid(g, g, indexing="ij"), (warm[ia], warm[ib]), strict=True))
-    # the start cells are shared by all resamples: their features are computed once and
-    # the count-weighted Gram matrices of all (cell, resample) pairs come from one matmul
-    F = problem.features(ga, gb)  # (cells, P, k)
-    cells, _, k = F.shape
-    G = np.matmul(counts, (F[..., :, None] * F[..., None, :]).reshape(cells, points, k * k)).reshape(cells, R, k, k)
-    b = np.matmul(counts, F * problem.e[None, :, None])  # (cells, R, k)
-    _, sse = _box_lstsq(G, b, (counts @ problem.e**2)[None, :], d_max[None, :])
-    best = np.argmin(sse, axis=0)
-    a, b = _descend(problem, counts, d_max, ga[best], gb[best], EXPONENT_MAX / (size - 1), iterations)
-    coef, _ = _weighted_profile(problem, counts, a[:, None], b[:, None], d_max)
-    return problem.full_params(a, b, coef[:, 0])
+def law_from_row(row: dict) -> Law:
+    """The `Law` of one laws-parquet row (columns of LAW_SCHEMA)."""
+    return Law(row["form"], A=row["A"], alpha=row["alpha"], beta=row["beta"], D=row["D"], B=row["B"],
+               sse=row["sse"], r2=row["r2"], n_points=row["n_points"], loss=row.get("loss") or "squared",
+               llm_params_column=row.get("llm_params_column") or N_COLUMN)
 
 
-def _descend(
-    problem: _Problem, counts: np.ndarray, d_max: np.ndarray, a: np.ndarray, b: np.ndarray, step0: float, iterations: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Vectorized minimization of each resample's profiled SSE over (alpha, beta) in the
-    box. Each iteration evaluates a 3 x 3 stencil of half-width `step` around the current
-    point; its central differences give a quadratic model whose Newton point (when the
-    model is convex; trust-limited to 4 steps) is a tenth trial point. The best of the ten
-    becomes the new point; the step grows after a stencil move (a pattern search that
-    travels), follows the Newton move, and shrinks 4x when the centre stays best. The
-    profile is C^1 (the bounds on the amplitudes do not depend on the exponents), so this
-    converges to a local minimum; starts come from the grid, so it is the global one
-    whenever the grid resolved its valley. Converged resamples drop out."""
-    a, b = a.copy(), b.copy()
-    step = np.full(len(a), step0)
-    tol = 1e-13 * (counts @ problem.e**2)
-    da, db = (x.ravel() for x in np.meshgrid([-1.0, 0.0, 1.0], [-1.0, 0.0, 1.0], indexing="ij"))
-    centre = 4
-    live = np.arange(len(a))
-    for _ in range(iterations):
-        live = live[step[live] >= 1e-9]
-        if live.size == 0:
-            break
-        la, lb, ls = a[live], b[live], step[live]
-        trial_a = np.clip(la[:, None] + ls[:, None] * da, 0.0, EXPONENT_MAX)
-        trial_b = np.clip(lb[:, None] + ls[:, None] * db, 0.0, EXPONENT_MAX)
-        _, f = _weighted_profile(problem, counts[live], trial_a, trial_b, d_max[live])
-        f2 = f.reshape(-1, 3, 3)
-        h2 = ls**2
-        ga = (f2[:, 2, 1] - f2[:, 0, 1]) / (2 * ls)
-        gb = (f2[:, 1, 2] - f2[:, 1, 0]) / (2 * ls)
-        haa = (f2[:, 2, 1] - 2 * f2[:, 1, 1] + f2[:, 0, 1]) / h2
-        hbb = (f2[:, 1, 2] - 2 * f2[:, 1, 1] + f2[:, 1, 0]) / h2
-        hab = (f2[:, 2, 2] - f2[:, 2, 0] - f2[:, 0, 2] + f2[:, 0, 0]) / (4 * h2)
-        det = haa * hbb - hab**2
-        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            na = -(hbb * ga - hab * gb) / det
-            nb = -(haa * gb - hab * ga) / det
-            convex = (haa > 0) & (det > 0) & np.isfinite(na) & np.isfinite(nb)
-            na, nb = np.where(convex, na, 0.0), np.where(convex, nb, 0.0)
-            shrink = np.minimum(1.0, 4 * ls / np.maximum(np.hypot(na, nb), 1e-300))
-        newton_a = np.clip(la + na * shrink, 0.0, EXPONENT_MAX)
-        newton_b = np.clip(lb + nb * shrink, 0.0, EXPONENT_MAX)
-        _, fn = _weighted_profile(problem, counts[live], newton_a[:, None], newton_b[:, None], d_max[live])
-        all_a = np.column_stack([trial_a, newton_a])
-        all_b = np.column_stack([trial_b, newton_b])
-        all_f = np.column_stack([f, fn])
-        # the centre wins ties and improvements below rounding level (1e-13 of the total
-        # sum of squares), so a flat or noise-level direction shrinks the step instead of
-        # wandering with a growing one
-        all_f[:, centre] -= tol[live]
-        pick = np.argmin(all_f, axis=1)
-        rows = np.arange(live.size)
-        moved = np.hypot(all_a[rows, pick] - la, all_b[rows, pick] - lb)
-        a[live], b[live] = all_a[rows, pick], all_b[rows, pick]
-        step[live] = np.where(pick == centre, ls / 4, np.where(pick == 9, np.clip(moved / 2, ls / 8, 2 * ls), 2 * ls))
-    return a, b
+def laws_from_table(table) -> list[tuple[dict, Law]]:
+    """Law rows read back from the store (a pyarrow table), each with its `Law`."""
+    return [(row, law_from_row(row)) for row in table.to_pylist()]
 
 
-def _identifiable(n_idx: np.ndarray, ln: np.ndarray, lv: np.ndarray, k: int) -> bool:
-    ln, lv = ln[n_idx], lv[n_idx]
-    if len(np.unique(ln)) < 2 or len(np.unique(lv)) < 2:
-        return False
-    return len(np.unique(np.stack([ln, lv]), axis=1).T) >= k
-
-
-def bootstrap_law(
-    llm_params,
-    visual_tokens,
-    error,
-    form: str = "product",
-    *,
-    law: Law | None = None,
-    resamples: int = 200,
-    level: float = 0.90,
-    seed: int = 0,
-    loss: str = "squared",
-    f_scale: float | None = None,
-    grid_size: int = BOOTSTRAP_GRID_SIZE,
-) -> LawCI:
-    """Percentile bootstrap: resample the points with replacement (`seed`ed), refit each
-    resample by the cheap vectorized path (`_bootstrap_fits`: a `grid_size`^2 exponent grid
-    and the exponents of `law`, the full-data fit (fitted here when not given), as starts,
-    then a compass search on the profiled SSE), and take the
-    ((1 - level)/2, (1 + level)/2) percentiles. Resamples that cannot determine the law
-    (one LLM size, one V, or fewer distinct points than parameters) are redrawn."""
-    if not 0 < level < 1:
-        raise FitError(f"level {level}: a confidence level in (0, 1), e.g. 0.9")
-    n, v, e = check_points(llm_params, visual_tokens, error, form)
-    problem = _Problem.from_points(n, v, e, form)
-    if law is None:
-        law = fit_law(n, v, e, form, loss=loss, f_scale=f_scale)
-    warm = problem.from_law(law)
-    if loss == "huber" and f_scale is None:
-        # the threshold is part of the estimator: keep the full-data one for every resample
-        f_scale = _default_f_scale(problem, _fit_problem(problem)[0])
-    k = n_parameters(form)
-    rng = np.random.default_rng(seed)
-    draws, failed = [], 0
-    while len(draws) < resamples and failed < 20 * resamples:
-        index = rng.integers(0, len(e), len(e))
-        if _identifiable(index, problem.ln, problem.lv, k):
-            draws.append(index)
-        else:
-            failed += 1
-    params = []
-    if draws:
-        params = list(_bootstrap_fits(problem, np.array(draws), grid_size, warm))
-        if loss == "huber":
-            # the robust objective has no exact profile: polish each resample separately
-            params = [_polish(problem.subset(d), p, "huber", f_scale, tol=1e-8) for d, p in zip(draws, params, strict=True)]
-    samples = np.array(params).reshape(len(params), k)
-    nan2 = (float("nan"), float("nan"))
-    if len(params) < resamples // 2:
-        return LawCI(form, level, len(params), failed, nan2, nan2, nan2, nan2, samples[:0], problem.n_ref, problem.v_ref)
-    ia, ib = problem.exponent_index
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = np.where(samples[:, ib] > 0, samples[:, ia] / samples[:, ib], np.inf)
-    columns = np.column_stack([samples[:, ia], samples[:, ib], samples[:, -1], ratio])
-    lo, hi = _percentile_interval(columns, level)
-    pairs = [(float(a), float(b)) for a, b in zip(lo, hi, strict=True)]
-    return LawCI(form, level, len(params), failed, *pairs, params=samples, n_ref=problem.n_ref, v_ref=problem.v_ref)
-
-
-def holdout_error(llm_params, visual_tokens, error, form: str = "product", *, loss: str = "squared") -> float:
-    """Extrapolation check: fit without the largest LLM and return the mean absolute error
-    of the predicted vs observed error over that LLM's points. NaN when there are fewer
-    than 3 LLM sizes, or the rest cannot determine the law."""
-    n, v, e = check_points(llm_params, visual_tokens, error, form)
-    if len(np.unique(n)) < 3:
-        return float("nan")
-    held = n == n.max()
-    try:
-        law = fit_law(n[~held], v[~held], e[~held], form, loss=loss)
-    except FitError:
-        return float("nan")
-    return float(np.mean(np.abs(law.predict(n[held], v[held]) - e[held])))
-
-
-# ---- the compute-optimal number of visual tokens ------------------------------------------
-
-
-def optimal_visual_tokens(
-    law: Law,
-    text_tokens: float,
-    v_min: float,
-    v_max: float,
-    flops: float | None = None,
-    *,
-    generated_tokens: float = 0.0,
-) -> float:
-    """The continuous compute-optimal V at fixed inference FLOPs C = 2 N (Q + V + G), with
-    Q = `text_tokens` and G = `generated_tokens`, clamped to [v_min, v_max].
-
-    Product form: minimizing A N^-a V^-b with N = C / (2 (Q + G + V)) gives
-    d/dV [a log(Q+G+V) - b log V] = 0, i.e. V* = b (Q + G) / (a - b), independent of C;
-    if b >= a more tokens always pay, so V* = v_max. Sum form: the optimum depends on C
-    (`flops`, required); E(V) = A (C/2)^-a (Q+G+V)^a + B V^-b + D has a single stationary
-    point in V (its derivative's sign changes once), so a log-grid search bracketed and
-    then polished by a bounded scalar minimization finds it."""
-    q = text_tokens + generated_tokens
-    if law.form == "product":
-        if law.beta >= law.alpha:
-            return float(v_max)
-        return float(np.clip(law.beta * q / (law.alpha - law.beta), v_min, v_max))
-    if flops is None:
-        raise FitError("the sum form's optimal V depends on the FLOP budget: pass flops")
-    if v_max <= v_min:
-        return float(v_min)
-
-    def error_at(log_v):
-        v = np.exp(log_v)
-        return law.predict(flops / (2.0 * (q + v)), v)
-
-    grid = np.linspace(np.log(v_min), np.log(v_max), 512)
-    i = int(np.argmin(error_at(grid)))
-    lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
-    best = minimize_scalar(lambda x: float(error_at(x)), bounds=(lo, hi), method="bounded", options={"xatol": 1e-10})
-    log_v = best.x if best.fun <= error_at(grid[i]) else grid[i]
-    return float(np.clip(np.exp(log_v), v_min, v_max))
+def check_form(form: str) -> str:
+    if form not in FORMS:
+        raise FitError(f"form {form!r}: choose one of {', '.join(FORMS)}")
+    return form

@@ -1,7 +1,8 @@
 """PNG plots of a fitted grid, written into the store next to its laws.
 
 - `scaling_<family>_<form>_q<Q>.png`, one per task family and query length Q (0 and 50 by
-  default): error vs inference FLOPs 2 N (Q + V) on a log axis, one panel per compressor;
+  default): error vs inference FLOPs per query (`tokenscale.costs.inference_flops`, with
+  each panel's compressor) on a log axis, one panel per compressor;
   observed points coloured by LLM size N with marker size growing with V, the fitted law
   as one curve per N across V, the grid candidates' Pareto frontier, and the continuous
   compute-optimal curve (Fig. 1 of arXiv 2411.03312).
@@ -23,11 +24,12 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
+from tokenscale.costs import inference_flops
 from tokenscale.store import Store
 
-from .frontier import Candidate, frontier, optimal_curve
-from .grid_fit import candidates, law_points, laws_from_table
-from .law import FitError, Law, optimal_visual_tokens
+from .frontier import Candidate, candidates, frontier, optimal_curve, optimal_visual_tokens
+from .grid_fit import law_points
+from .law import FitError, Law, laws_from_table
 
 DPI = 100
 
@@ -67,31 +69,36 @@ def scaling_figure(
         v_min, v_max = float(v.min()), float(v.max())
         span = math.log(v_max / v_min) if v_max > v_min else 1.0
         dense_v = np.geomspace(v_min, v_max, 100)
+
+        def cost(size, tokens, compressor=compressor):
+            return inference_flops(size, text_tokens, tokens, compressor=compressor)
+
         for size in np.unique(n):
             color = mappable.to_rgba(size)
-            ax.plot(2 * size * (text_tokens + dense_v), law.predict(size, dense_v), color=color, lw=1.6, alpha=0.9)
+            ax.plot(cost(size, dense_v), law.predict(size, dense_v), color=color, lw=1.6, alpha=0.9)
             at = n == size
             marker_size = 15 + 120 * np.log(v[at] / v_min) / span
-            ax.scatter(2 * size * (text_tokens + v[at]), e[at], s=marker_size, color=color, edgecolor="k", linewidth=0.4, zorder=3)
+            ax.scatter(cost(size, v[at]), e[at], s=marker_size, color=color, edgecolor="k", linewidth=0.4, zorder=3)
         # the grid's own Pareto frontier: the best error a budget buys among candidates, a
         # step function of the budget
         points = frontier({compressor: law}, cands, text_tokens)
         if points:
-            ax.step([p.flops for p in points] + [2 * n.max() * (text_tokens + v_max)],
+            ax.step([p.flops for p in points] + [cost(n.max(), v_max)],
                     [p.predicted_error for p in points] + [points[-1].predicted_error],
                     "k:", where="post", lw=1.4, label="Pareto (grid candidates)")
             ax.plot([p.flops for p in points], [p.predicted_error for p in points], "kx", ms=6)
         # the continuous optimum over V (and N within the grid's range) per budget
-        lo_c, hi_c = 2 * n.min() * (text_tokens + v_min), 2 * n.max() * (text_tokens + v_max)
-        budgets = np.geomspace(lo_c, hi_c, 200)
-        _, _, e_star = optimal_curve(law, text_tokens, budgets, v_min, v_max, n_min=float(n.min()), n_max=float(n.max()))
+        budgets = np.geomspace(cost(n.min(), v_min), cost(n.max(), v_max), 200)
+        _, _, e_star = optimal_curve(law, text_tokens, budgets, v_min, v_max, n_min=float(n.min()), n_max=float(n.max()),
+                                     compressor=compressor)
         ax.plot(budgets, e_star, color="0.4", ls="--", lw=1.2, label="optimum, continuous V")
         ax.set_xscale("log")
-        ax.set_xlabel(f"inference FLOPs 2N(Q+V), Q={text_tokens:g}")
+        extra = " + 2NQ" if cost(1.0, 0.0) > 2 * text_tokens else ""
+        ax.set_xlabel(f"inference FLOPs 2N(Q+V){extra}, Q={text_tokens:g}")
         ax.set_ylabel("error")
         title = f"{family} / {compressor}: α={law.alpha:.3f}, β={law.beta:.3f}"
         if law.form == "product":
-            v_star = optimal_visual_tokens(law, text_tokens, v_min, v_max)
+            v_star = optimal_visual_tokens(law, text_tokens, v_min, v_max, compressor=compressor)
             title += f", V*={v_star:.3g}"
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3, ls="--")
@@ -157,14 +164,15 @@ def write_plots(store: Store, grid: str, *, form: str = "product", text_tokens: 
     fitted = [(row, law) for row, law in laws_from_table(table) if row["grid"] == grid and row["form"] == form]
     if not fitted:
         raise FitError(f"grid {grid!r} has no fitted {form} laws in {store.uri}: fit it first (tokenscale fit {grid})")
-    points = law_points(results)
+    points = {column: law_points(results, column) for column in {law.llm_params_column for _, law in fitted}}
     cands = candidates(results)
     keys = []
     for family in sorted({row["task_family"] for row, _ in fitted}):
         panels = [
-            (row["compressor"], law, points[(family, row["compressor"])], [c for c in cands if c.compressor == row["compressor"]])
+            (row["compressor"], law, points[law.llm_params_column][(family, row["compressor"])],
+             [c for c in cands if c.compressor == row["compressor"]])
             for row, law in sorted(fitted, key=lambda t: t[0]["compressor"])
-            if row["task_family"] == family and (family, row["compressor"]) in points
+            if row["task_family"] == family and (family, row["compressor"]) in points[law.llm_params_column]
         ]
         if not panels:
             continue

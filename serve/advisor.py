@@ -1,13 +1,18 @@
-"""The answers the Serve app gives, computed from the laws and results in the store.
+"""The answers the Serve app gives, computed from the laws and draws in the store.
 
 Kept free of Ray and HTTP so it can be reasoned about (and tested) on its own; `app.py`
-puts it behind FastAPI + Ray Serve.
+puts it behind FastAPI + Ray Serve. It only reads and answers: the laws, their bootstrap
+draws (`tokenscale fit` stores both) and the results (for the candidates and /trials) are
+read from the store, and nothing is fitted or resampled here -- this module imports
+`fitting.law` (prediction) and `fitting.frontier` (the choice), never the solver or the
+bootstrap.
 
 Everything that does not depend on the query is computed once per (re)load in
-`load_snapshot`: per (task family, compressor filter, form) the candidates' N, V, predicted
-error and its bootstrap interval as numpy arrays, and per task family the trials ranked by
-observed error. `Advisor.optimal` is then a handful of vector operations on ~100-element
-arrays plus V*, so an answer costs microseconds next to Ray Serve's milliseconds.
+`load_snapshot`: per (task family, compressor filter, form) the candidates, their
+predicted errors, the interval of each prediction over the law's stored draws, and the
+(draws x candidates) predictions behind `optimal_share`; per task family the trials ranked
+by observed error. `Advisor.optimal` is then `fitting.frontier.choose` on ~100 candidates
+plus a few vector operations, microseconds next to Ray Serve's milliseconds.
 """
 
 from __future__ import annotations
@@ -18,34 +23,38 @@ import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tokenscale.fitting.frontier import Candidate, frontier
-from tokenscale.fitting.grid_fit import candidates, law_points, laws_from_table
-from tokenscale.fitting.law import Law, optimal_visual_tokens
-from tokenscale.store import Store, s3_endpoint
-
-try:  # bootstrap CIs came with a later fitting; without them the CI fields are null
-    from tokenscale.fitting.law import bootstrap_law
-except ImportError:  # pragma: no cover - depends on the fitting version installed
-    bootstrap_law = None
+from tokenscale.costs import FORMS, llm_params_within
+from tokenscale.fitting.frontier import (
+    BudgetError,
+    Candidate,
+    Choice,
+    Menu,
+    candidates,
+    choice_shares,
+    choose,
+    draw_errors,
+    frontier,
+)
+from tokenscale.fitting.law import Draws, Law, laws_from_table
+from tokenscale.store import Store
 
 log = logging.getLogger("ray.serve")
 
-FORMS = ("product", "sum")
 # Accepted ranges of the query parameters, shared by the validation here and the API docs.
 MAX_FLOPS = 1e30  # ~1e6 x the largest single-query inference budget anyone runs
 MAX_TOKENS = 1e7  # text or generated tokens per query
 MAX_TOP = 100
-CI_RESAMPLES = 200  # fit_grid's defaults, so the prediction CI matches the fit's
-CI_LEVEL = 0.90
-CI_SEED = 0
-CI_METHOD = "percentile bootstrap over the grid's (N, V) points"
+CI_METHOD = (
+    "percentile interval of the predicted error over the law's bootstrap draws, as `tokenscale fit` "
+    "stored them (draws.parquet: refitted with the law's own loss, from the fit's seed), at the "
+    "law's ci_level"
+)
 
 
 class BadRequest(ValueError):
@@ -86,20 +95,17 @@ def jsonable(value: Any) -> Any:
 
 @dataclass(frozen=True)
 class Options:
-    """The candidates one (task, compressor filter, form) chooses among, as arrays in the
-    order of `fitting.grid_fit.candidates` (ties then resolve as `fitting.frontier.choose`
-    resolves them)."""
+    """The candidates one (task, compressor filter, form) chooses among, in the order of
+    `fitting.frontier.candidates`, with what `choose` does not give: each prediction's
+    interval over the stored draws and the (draws x candidates) predictions."""
 
     candidates: tuple[Candidate, ...]
-    llm_params: np.ndarray
-    visual_tokens: np.ndarray
-    error: np.ndarray
+    menu: Menu  # the candidates priced and predicted for `choose` / `frontier`, once
     error_lo: np.ndarray
     error_hi: np.ndarray
+    draw_errors: np.ndarray  # (draws, candidates); no rows without draws
     laws: dict[str, Law]  # compressor -> law
     ci_level: float | None
-    v_min: float
-    v_max: float
     index: dict[Candidate, int] = field(repr=False)
 
 
@@ -110,70 +116,30 @@ class Snapshot:
     candidates: list[Candidate]
     loaded_at: float
     fitted_at: str
-    law_cis: dict[tuple[str, str, str], Any] = field(default_factory=dict)  # LawCI or None
+    draws: dict[tuple[str, str, str], Draws | None] = field(default_factory=dict)
     options: dict[tuple[str, str | None, str], Options] = field(default_factory=dict)
     trials: dict[str, list[dict]] = field(default_factory=dict)  # task -> best first
     fingerprint: tuple = ()
 
 
 def laws_fingerprint(store: Store, grid: str | None = None) -> tuple:
-    """A cheap identity of the laws object(s) a snapshot is built from: (grid, version...)
-    per laws.parquet, from a stat (local) or a HEAD (S3), so the reload loop can poll often
-    without reading any parquet. Every write of laws is one atomic rename / one PUT, so a
-    refit always changes it (new inode and mtime; new ETag and LastModified)."""
-    if store.is_s3:
-        return _s3_fingerprint(store, grid)
-    root = Path(store.uri)
-    if grid:
-        grids = [grid]
-    else:
-        grids = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
-    out = []
-    for g in grids:
-        try:
-            st = Path(store.laws_key(g)).stat()
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        out.append((g, st.st_ino, st.st_mtime_ns, st.st_size))
-    return tuple(out)
-
-
-def _s3_fingerprint(store: Store, grid: str | None) -> tuple:
-    import boto3
-    from botocore.exceptions import ClientError
-
-    client = boto3.client("s3", endpoint_url=s3_endpoint())
-    bucket, _, prefix = store.uri[len("s3://"):].partition("/")
-    base = f"{prefix.strip('/')}/" if prefix.strip("/") else ""
-    if grid:
-        grids = [grid]
-    else:
-        # one LIST with a delimiter names the grids without listing every result object
-        grids = []
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=base, Delimiter="/"):
-            grids += [p["Prefix"][len(base):].strip("/") for p in page.get("CommonPrefixes", [])]
-    out = []
-    for g in sorted(grids):
-        try:
-            head = client.head_object(Bucket=bucket, Key=f"{base}{g}/laws/laws.parquet")
-        except ClientError as err:
-            if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                continue
-            raise
-        out.append((g, head.get("ETag"), str(head.get("LastModified")), head.get("ContentLength")))
-    return tuple(out)
+    """A cheap identity of the laws object(s) a snapshot is built from, (grid, version...)
+    per laws.parquet (`Store.laws_versions`: a stat or a HEAD), so the reload loop can poll
+    often without reading any parquet. A fit writes its draws before its laws, so a new
+    fingerprint means the draws of those laws are in place too."""
+    return store.laws_versions(grid)
 
 
 def load_snapshot(
     store: Store,
     grid: str | None = None,
     *,
-    ci_resamples: int = CI_RESAMPLES,
-    ci_level: float = CI_LEVEL,
+    cis: bool = True,
     fingerprint: tuple | None = None,
 ) -> Snapshot | None:
     """The newest fitted grid (or `grid`), with every query-independent number precomputed;
-    None while the store has no laws (for `grid`) yet. `fingerprint`: the caller's
+    None while the store has no laws (for `grid`) yet. `cis=False` skips reading the draws
+    (the CI and share fields are then null). `fingerprint`: the caller's
     `laws_fingerprint`, taken before reading (so a write racing the read is seen next poll)."""
     if fingerprint is None:
         fingerprint = laws_fingerprint(store, grid)
@@ -193,15 +159,15 @@ def load_snapshot(
         results = results.filter(pc.is_valid(results[name]))
     results = results.filter(pc.and_(pc.greater(results["llm_params"], 0), pc.greater(results["visual_tokens"], 0)))
     cands = candidates(results)
-    law_cis = _law_cis(laws, results, ci_resamples, ci_level)
+    draws = _law_draws(store.read_draws(chosen), laws) if cis else dict.fromkeys(laws)
     return Snapshot(
         grid=chosen,
         laws=laws,
         candidates=cands,
         loaded_at=time.time(),
         fitted_at=fitted_at,
-        law_cis=law_cis,
-        options=_options(laws, law_cis, cands),
+        draws=draws,
+        options=_options(laws, draws, cands),
         trials=_rank_trials(results),
         fingerprint=fingerprint,
     )
@@ -219,90 +185,61 @@ def _servable(row: dict, law: Law) -> bool:
     return True
 
 
-def _law_cis(laws: dict, results: pa.Table, resamples: int, level: float) -> dict:
-    """The bootstrap of each law, recomputed from the store's results: the laws parquet
-    keeps the parameter intervals but not the resampled fits, and the interval of a
-    *prediction* needs those. Same resamples, level and seed as `fit_grid`'s defaults and
-    the stored law as the warm start, so it reproduces the fit's intervals when the results
-    are the ones the law was fitted on. A law it cannot bootstrap gets None (null CIs)."""
-    if bootstrap_law is None or resamples <= 0:
-        return dict.fromkeys(laws)
-    try:
-        points = law_points(results) if results.num_rows else {}
-    except Exception:  # odd results must not stop the laws being served
-        log.exception("tokenscale: cannot group results for the prediction CIs")
-        points = {}
-    out = {}
+def _law_draws(table: pa.Table, laws: dict) -> dict[tuple[str, str, str], Draws | None]:
+    """Each law's bootstrap draws from the store's draws table: those of the same fit
+    (same fitted_at) and as many as the law row says its CIs used; None (null CIs) for a
+    law without them (fitted before draws were stored, or a refit landing mid-read: the
+    next poll reloads)."""
+    out: dict[tuple[str, str, str], Draws | None] = dict.fromkeys(laws)
+    if table.num_rows == 0:
+        return out
+    columns = {name: table[name].to_pylist() for name in ("task_family", "compressor", "form", "fitted_at")}
+    groups: dict[tuple, list[int]] = {}
+    for i, key in enumerate(zip(columns["task_family"], columns["compressor"], columns["form"], columns["fitted_at"], strict=True)):
+        groups.setdefault(key, []).append(i)
+    numbers = {name: table[name].to_numpy(zero_copy_only=False) for name in ("draw", "A", "B", "alpha", "beta", "D")}
     for key, (row, law) in laws.items():
-        task, compressor, form = key
-        out[key] = None
-        if (task, compressor) not in points:
+        index = groups.get((*key, row["fitted_at"]))
+        expected = row.get("ci_resamples")
+        if not index:
             continue
-        row_level = finite_or_none(row.get("ci_level"))  # a fitting that stores its level wins
-        try:
-            n, v, e = points[(task, compressor)]
-            # law_points' order follows a multithreaded group_by, i.e. varies run to run;
-            # the seeded resampling draws point *indices*, so fix the order (N, then V)
-            order = np.lexsort((v, n))
-            n, v, e = n[order], v[order], e[order]
-            out[key] = bootstrap_law(n, v, e, form, law=law, resamples=resamples,
-                                     level=row_level if row_level and 0 < row_level < 1 else level, seed=CI_SEED)
-        except Exception as err:  # e.g. FitError: too few points to resample
-            log.warning("tokenscale: no prediction CI for %s: %s", "/".join(key), err)
+        if expected is not None and len(index) != expected:
+            log.warning("tokenscale: %s has %d stored draws, its law says %s: no CIs for it", "/".join(key), len(index), expected)
+            continue
+        index = np.array(index)[np.argsort(numbers["draw"][index], kind="stable")]
+        out[key] = Draws.from_columns(law.form, *(numbers[name][index].astype(float) for name in ("A", "alpha", "beta", "D")),
+                                      B=numbers["B"][index].astype(float) if law.form == "sum" else None)
     return out
 
 
-def _error_interval(ci: Any, n: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    nan = np.full(len(n), np.nan)
-    if ci is None or not hasattr(ci, "error_interval") or len(n) == 0:
-        return nan, nan.copy()
-    try:
-        lo, hi = ci.error_interval(n, v)
-        return np.asarray(lo, dtype=float).reshape(len(n)), np.asarray(hi, dtype=float).reshape(len(n))
-    except Exception:
-        log.exception("tokenscale: error_interval failed")
-        return nan, nan.copy()
-
-
-def _options(laws: dict, law_cis: dict, cands: list[Candidate]) -> dict[tuple[str, str | None, str], Options]:
+def _options(laws: dict, draws: dict, cands: list[Candidate]) -> dict[tuple[str, str | None, str], Options]:
     out: dict[tuple[str, str | None, str], Options] = {}
     for task, form in sorted({(k[0], k[2]) for k in laws}):
         by_compressor = {k[1]: law for k, (_, law) in laws.items() if k[0] == task and k[2] == form}
-        usable = [c for c in cands if c.compressor in by_compressor]
-        n = np.array([c.llm_params for c in usable], dtype=float)
-        v = np.array([c.visual_tokens for c in usable], dtype=float)
-        error = np.full(len(usable), np.nan)
-        lo, hi = np.full(len(usable), np.nan), np.full(len(usable), np.nan)
-        levels = set()
-        for compressor, law in by_compressor.items():
-            mask = np.array([c.compressor == compressor for c in usable], dtype=bool)
-            if not mask.any():
-                continue
-            with np.errstate(all="ignore"):
-                error[mask] = law.predict(n[mask], v[mask])
-            ci = law_cis.get((task, compressor, form))
-            lo[mask], hi[mask] = _error_interval(ci, n[mask], v[mask])
-            if ci is not None:
-                levels.add(float(ci.level))
-        # a prediction that is not a number can never be "best"; keep it out of argmin
-        error = np.where(np.isfinite(error), error, np.inf)
-        level = levels.pop() if len(levels) == 1 else None
+        levels = {k[1]: finite_or_none(row.get("ci_level")) for k, (row, _) in laws.items() if k[0] == task and k[2] == form}
         for compressor in [None, *sorted(by_compressor)]:
-            keep = np.array([compressor is None or c.compressor == compressor for c in usable], dtype=bool)
-            subset = tuple(c for c, k in zip(usable, keep, strict=True) if k)
             laws_here = by_compressor if compressor is None else {compressor: by_compressor[compressor]}
-            tokens = v[keep]
+            subset = tuple(c for c in cands if c.compressor in laws_here)
+            lo, hi = np.full(len(subset), np.nan), np.full(len(subset), np.nan)
+            used = set()
+            for name, law in laws_here.items():
+                d, level = draws.get((task, name, form)), levels.get(name)
+                index = [i for i, c in enumerate(subset) if c.compressor == name]
+                if d is None or not len(d) or level is None or not 0 < level < 1 or not index:
+                    continue
+                n = np.array([subset[i].law_params(law) for i in index])
+                v = np.array([subset[i].visual_tokens for i in index], dtype=float)
+                lo[index], hi[index] = d.error_interval(n, v, level)
+                used.add(level)
+            present = {name: draws.get((task, name, form)) for name in laws_here}
             out[(task, compressor, form)] = Options(
                 candidates=subset,
-                llm_params=n[keep],
-                visual_tokens=tokens,
-                error=error[keep],
-                error_lo=lo[keep],
-                error_hi=hi[keep],
+                menu=Menu.of(laws_here, subset),
+                error_lo=lo,
+                error_hi=hi,
+                draw_errors=draw_errors(present, laws_here, subset),
                 laws=laws_here,
-                ci_level=level,
-                v_min=float(tokens.min()) if len(tokens) else 1.0,
-                v_max=float(tokens.max()) if len(tokens) else 1.0,
+                ci_level=used.pop() if len(used) == 1 else None,
                 index={c: i for i, c in enumerate(subset)},
             )
     return out
@@ -405,20 +342,25 @@ class Advisor:
             raise BadRequest(f"the grid {self.snapshot.grid!r} has no trained candidate for task {task!r} with a fitted law")
         return opts
 
-    def _point(self, opts: Options, i: int, cost: float, v_star: float, budget: float, q: float) -> dict:
-        c = opts.candidates[i]
+    def _point(self, opts: Options, choice: Choice, budget: float, text_tokens: float, generated_tokens: float,
+               share: float | None) -> dict:
+        c = choice.candidate
+        i = opts.index[c]
+        v_star = choice.optimal_visual_tokens
+        # the continuous optimum's N at this budget: the N that spends it at V*
+        n_star = llm_params_within(budget, text_tokens, v_star, generated_tokens, c.compressor) if math.isfinite(v_star) else None
         return {
             "llm": c.llm,
             "llm_params": int(c.llm_params),
             "visual_tokens": int(c.visual_tokens),
             "compressor": c.compressor,
-            "predicted_error": finite_or_none(opts.error[i]),
+            "predicted_error": finite_or_none(choice.predicted_error),
             "predicted_error_lo": finite_or_none(opts.error_lo[i]),
             "predicted_error_hi": finite_or_none(opts.error_hi[i]),
-            "flops": float(cost),
+            "optimal_share": finite_or_none(share),
+            "flops": float(choice.flops),
             "optimal_visual_tokens": finite_or_none(v_star),
-            # the continuous optimum's N at this budget: C = 2 N (Q + G + V*)
-            "optimal_llm_params": finite_or_none(budget / (2.0 * (q + v_star))) if math.isfinite(v_star) else None,
+            "optimal_llm_params": finite_or_none(n_star),
         }
 
     def optimal(
@@ -432,26 +374,22 @@ class Advisor:
     ) -> dict:
         """The candidate with the lowest predicted error among those costing at most `flops`
         per query (ties: the cheaper), as `fitting.frontier.choose` picks it, with the
-        prediction's CI and the continuous optimum (V*, N*) at this budget."""
+        prediction's CI over the stored draws, the share of those draws in which it is the
+        choice, and the continuous optimum (V*, N*) at this budget."""
         flops = check_number("flops", flops, low=0.0, high=MAX_FLOPS, low_inclusive=False,
                              example="the inference budget per query in FLOPs, e.g. 2e12")
         text_tokens, generated_tokens = _check_token_counts(text_tokens, generated_tokens)
         opts = self._options_for(task, compressor, form)
-        q = text_tokens + generated_tokens
-        costs = 2.0 * opts.llm_params * (q + opts.visual_tokens)
-        fits = costs <= flops
-        if not fits.any():
-            raise BadRequest(
-                f"flops={flops:.3g} is below the cheapest candidate's cost ({costs.min():.3g} FLOPs "
-                f"at text_tokens={text_tokens:g}); give at least that"
-            )
-        i = int(np.lexsort((costs, np.where(fits, opts.error, np.inf)))[0])
-        law = opts.laws[opts.candidates[i].compressor]
-        v_star = optimal_visual_tokens(law, text_tokens, opts.v_min, opts.v_max, flops=flops, generated_tokens=generated_tokens)
+        try:
+            choice = choose(opts.laws, opts.menu, flops, text_tokens, generated_tokens)
+        except BudgetError as err:
+            raise BadRequest(str(err)) from None
+        costs = opts.menu.costs(text_tokens, generated_tokens)
+        share = choice_shares(opts.draw_errors, costs, flops)[opts.index[choice.candidate]]
         return {
             **self._header(opts, task, form, text_tokens, generated_tokens),
             "budget_flops": flops,
-            **self._point(opts, i, costs[i], v_star, flops, q),
+            **self._point(opts, choice, flops, text_tokens, generated_tokens, share),
         }
 
     def frontier(
@@ -463,13 +401,15 @@ class Advisor:
         generated_tokens: float = 0.0,
     ) -> dict:
         """The Pareto frontier of the candidates (`fitting.frontier.frontier`), cheapest
-        first, each point with its prediction CI and the continuous optimum at its cost."""
+        first, each point with its prediction CI, the share of draws in which it is the
+        choice at its own cost, and the continuous optimum at its cost."""
         text_tokens, generated_tokens = _check_token_counts(text_tokens, generated_tokens)
         opts = self._options_for(task, compressor, form)
-        q = text_tokens + generated_tokens
+        costs = opts.menu.costs(text_tokens, generated_tokens)
         points = [
-            self._point(opts, opts.index[choice.candidate], choice.flops, choice.optimal_visual_tokens, choice.flops, q)
-            for choice in frontier(opts.laws, list(opts.candidates), text_tokens, generated_tokens)
+            self._point(opts, choice, choice.flops, text_tokens, generated_tokens,
+                        choice_shares(opts.draw_errors, costs, choice.flops)[opts.index[choice.candidate]])
+            for choice in frontier(opts.laws, opts.menu, text_tokens, generated_tokens)
         ]
         return {**self._header(opts, task, form, text_tokens, generated_tokens), "points": points}
 
@@ -486,18 +426,12 @@ class Advisor:
         }
 
     def laws(self) -> dict:
-        """The fitted laws as stored (parameter CIs included), with the intervals the store
-        does not keep (D, alpha/beta ratio, level) filled in from the recomputed bootstrap."""
+        """The fitted laws as stored (parameter CIs, level and number of draws included),
+        each saying whether its draws were loaded (`draws_loaded`)."""
         out = []
         for key, (row, _) in sorted(self.snapshot.laws.items()):
-            item = dict(row)
-            ci = self.snapshot.law_cis.get(key)
-            if ci is not None:
-                for name, value in ci.to_dict().items():
-                    if finite_or_none(item.get(name)) is None:
-                        item[name] = value
-                item["ci_resamples"] = int(ci.resamples)
-            out.append(jsonable(item))
+            draws = self.snapshot.draws.get(key)
+            out.append(jsonable({**row, "draws_loaded": 0 if draws is None else len(draws)}))
         return {"grid": self.snapshot.grid, "fitted_at": self.snapshot.fitted_at, "laws": out}
 
     def trials(self, task: str = "reasoning", top: int = 10) -> dict:

@@ -17,7 +17,9 @@ Every error body is JSON {"error": "what is wrong; what is accepted", ...}. No h
 lets an exception escape (that would be a 500): anything unexpected is logged and answered
 400 with its type and message.
 
-Nothing here writes to the store or runs SQL: the store is only read, at (re)load.
+Nothing here writes to the store, runs SQL or fits anything: the store's laws, their
+bootstrap draws and the results are only read, at (re)load. The `form` parameter accepts
+`tokenscale.costs.FORMS`.
 """
 
 from __future__ import annotations
@@ -34,12 +36,11 @@ from pydantic import BaseModel, Field
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from tokenscale.costs import FORMS
 from tokenscale.store import Store
 
 from .advisor import (
-    CI_LEVEL,
     CI_METHOD,
-    CI_RESAMPLES,
     MAX_FLOPS,
     MAX_TOKENS,
     MAX_TOP,
@@ -52,6 +53,10 @@ from .advisor import (
 
 log = logging.getLogger("ray.serve")
 
+# The forms FastAPI accepts, from the one list. (A pattern on `str`, not a Literal: Serve's
+# ingress resolves the handlers' annotations without this module's names.)
+FORM_PATTERN = f"^({'|'.join(FORMS)})$"
+
 # What each query parameter accepts: the OpenAPI descriptions and the 422 messages say the same.
 ACCEPTED = {
     "flops": f"the inference budget per query in FLOPs: a finite number in (0, {MAX_FLOPS:g}], e.g. 2e12",
@@ -59,7 +64,7 @@ ACCEPTED = {
     "generated_tokens": f"tokens generated per answer G: a finite number in [0, {MAX_TOKENS:g}]",
     "task": "a task family that has fitted laws, e.g. reasoning or ocr (GET /laws lists them)",
     "compressor": "a compressor that has a fitted law for the task (GET /laws lists them); omit for all",
-    "form": "product or sum (the scaling law's form)",
+    "form": f"{' or '.join(FORMS)} (the scaling law's form)",
     "top": f"an integer from 1 to {MAX_TOP}",
 }
 
@@ -68,8 +73,8 @@ api = FastAPI(
     description=(
         "Inference-optimal VLM configurations from fitted scaling laws E(N, V). Read-only: "
         "answers come from the laws and results in the store, reloaded when a refit lands.\n\n"
-        f"Prediction CIs: {CI_METHOD}, recomputed from the store's results at load "
-        f"({CI_RESAMPLES} resamples, level {CI_LEVEL} unless the store records another)."
+        f"Prediction CIs: {CI_METHOD}. Inference FLOPs per query: 2 N (Q + V + G), plus 2 N Q "
+        "for a compressor that runs the LLM over the query (quecc)."
     ),
     version="1",
 )
@@ -95,13 +100,16 @@ class ValidationBody(BaseModel):
 
 class Point(BaseModel):
     llm: str | None
-    llm_params: int = Field(description="N: LLM non-embedding parameters")
+    llm_params: int = Field(description="N: the LLM's parameters as the grid declares them (else counted), what inference pays for")
     visual_tokens: int = Field(description="V: visual tokens per image")
     compressor: str | None
     predicted_error: float | None
     predicted_error_lo: float | None = Field(description="lower end of the prediction's CI; null when unavailable")
     predicted_error_hi: float | None = Field(description="upper end of the prediction's CI; null when unavailable")
-    flops: float = Field(description="this candidate's inference FLOPs per query, 2 N (Q + V + G)")
+    optimal_share: float | None = Field(
+        description="share of the law's bootstrap draws in which this candidate is the choice at this budget; "
+                    "null without stored draws")
+    flops: float = Field(description="this candidate's inference FLOPs per query: 2 N (Q + V + G), + 2 N Q for quecc")
     optimal_visual_tokens: float | None = Field(description="V*: the continuous compute-optimal V at this budget")
     optimal_llm_params: float | None = Field(description="N*: the N that spends the budget at V*")
 
@@ -214,14 +222,12 @@ class TokenscaleApp:
         store_uri: str,
         grid: str | None = None,
         reload_seconds: float = 5.0,
-        ci_resamples: int = CI_RESAMPLES,
-        ci_level: float = CI_LEVEL,
+        cis: bool = True,
     ):
         self.store = Store(store_uri)
         self.grid = grid
         self.reload_seconds = float(reload_seconds)
-        self.ci_resamples = int(ci_resamples)
-        self.ci_level = float(ci_level)
+        self.cis = bool(cis)
         self._advisor: Advisor | None = None
         self._seen: tuple | None = None  # fingerprint of the laws last loaded (or found empty)
         self.last_reload_error: str | None = None
@@ -240,8 +246,7 @@ class TokenscaleApp:
                 return False
             snapshot = None
             if fingerprint:  # no laws object at all: nothing to read
-                snapshot = load_snapshot(self.store, self.grid, ci_resamples=self.ci_resamples,
-                                         ci_level=self.ci_level, fingerprint=fingerprint)
+                snapshot = load_snapshot(self.store, self.grid, cis=self.cis, fingerprint=fingerprint)
             self._seen = fingerprint
             self.last_reload_error = None
             if snapshot is None:
@@ -310,7 +315,7 @@ class TokenscaleApp:
         text_tokens: float = Query(0.0, ge=0, le=MAX_TOKENS, allow_inf_nan=False, description=ACCEPTED["text_tokens"]),
         task: str = Query("reasoning", max_length=100, description=ACCEPTED["task"]),
         compressor: str | None = Query(None, max_length=100, description=ACCEPTED["compressor"]),
-        form: str = Query("product", pattern="^(product|sum)$", description=ACCEPTED["form"]),
+        form: str = Query(FORMS[0], pattern=FORM_PATTERN, description=ACCEPTED["form"]),
         generated_tokens: float = Query(0.0, ge=0, le=MAX_TOKENS, allow_inf_nan=False, description=ACCEPTED["generated_tokens"]),
     ) -> JSONResponse:
         return self._answer(lambda a: a.optimal(flops, text_tokens, task, compressor, form, generated_tokens))
@@ -321,7 +326,7 @@ class TokenscaleApp:
         task: str = Query("reasoning", max_length=100, description=ACCEPTED["task"]),
         text_tokens: float = Query(0.0, ge=0, le=MAX_TOKENS, allow_inf_nan=False, description=ACCEPTED["text_tokens"]),
         compressor: str | None = Query(None, max_length=100, description=ACCEPTED["compressor"]),
-        form: str = Query("product", pattern="^(product|sum)$", description=ACCEPTED["form"]),
+        form: str = Query(FORMS[0], pattern=FORM_PATTERN, description=ACCEPTED["form"]),
         generated_tokens: float = Query(0.0, ge=0, le=MAX_TOKENS, allow_inf_nan=False, description=ACCEPTED["generated_tokens"]),
     ) -> JSONResponse:
         return self._answer(lambda a: a.frontier(task, text_tokens, compressor, form, generated_tokens))
@@ -349,15 +354,15 @@ def start(
     num_replicas: int = 1,
     num_cpus: float = 0.1,
     max_ongoing_requests: int = 32,
-    ci_resamples: int = CI_RESAMPLES,
+    cis: bool = True,
     name: str = "tokenscale",
     route_prefix: str = "/",
 ) -> str:
     """Deploy on the running Ray (bound to `host`, loopback by default); returns the base URL.
 
     `num_replicas` replicas of `num_cpus` CPUs each; every replica loads the store itself
-    and polls it every `reload_seconds`. `ci_resamples=0` skips the prediction CIs (faster
-    loads; the CI fields are then null). `name`/`route_prefix` let several stores be served
+    and polls it every `reload_seconds`. `cis=False` skips reading the stored draws
+    (faster loads; the CI and share fields are then null). `name`/`route_prefix` let several stores be served
     side by side on one Serve instance (Serve has one HTTP proxy: host/port apply to the
     first `start` only)."""
     if not reload_seconds > 0:
@@ -369,6 +374,6 @@ def start(
         num_replicas=num_replicas,
         max_ongoing_requests=max_ongoing_requests,
         ray_actor_options={"num_cpus": num_cpus},
-    ).bind(store_uri, grid, reload_seconds, ci_resamples)
+    ).bind(store_uri, grid, reload_seconds, cis)
     serve.run(app, name=name, route_prefix=route_prefix, blocking=False)
     return f"http://{host}:{port}" + ("" if route_prefix == "/" else route_prefix.rstrip("/"))

@@ -1,30 +1,38 @@
-"""Scaling-law fits, their CIs and holdout check, the compute-optimal choice, and the
-per-grid fit + plots through a real Store."""
+"""Scaling-law fits, their CIs, draws and holdout check, the compute-optimal choice, and
+the per-grid fit (laws + draws) + plots through a real Store."""
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import itertools
 import time
 import zlib
-from datetime import datetime, timezone
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+from synthetic import synthetic_row
 
-from tokenscale.fitting.frontier import BudgetError, Candidate, choose, frontier, optimal_curve
-from tokenscale.fitting.grid_fit import fit_grid, laws_from_table
-from tokenscale.fitting.law import (
-    EXPONENT_MAX,
-    FitError,
-    Law,
-    bootstrap_law,
-    fit_law,
-    holdout_error,
+from tokenscale.costs import inference_flops
+from tokenscale.fitting.frontier import (
+    BudgetError,
+    Candidate,
+    choice_shares,
+    choose,
+    draw_errors,
+    frontier,
+    optimal_curve,
     optimal_visual_tokens,
 )
+from tokenscale.fitting.grid_fit import fit_grid, law_points
+from tokenscale.fitting.law import Draws, FitError, Law, laws_from_table
 from tokenscale.fitting.plots import write_plots
+from tokenscale.fitting.solve import EXPONENT_MAX, fit_law
+from tokenscale.fitting.uncertainty import bootstrap_law, holdout_error
 from tokenscale.sql import query
-from tokenscale.store import RESULT_SCHEMA, Store
+from tokenscale.store import DRAW_SCHEMA, RESULT_SCHEMA, Store
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 LLMS = [5e8, 1.8e9, 4e9, 7e9, 1.4e10]
@@ -327,7 +335,13 @@ def test_paper_finding_largest_llm_fewest_tokens():
     choice = choose(reasoning, cands, budget, 0)
     assert (choice.candidate.llm_params, choice.candidate.visual_tokens) == (int(16e9), 1)
     assert choice.optimal_visual_tokens == 1
-    assert choose(reasoning, cands, 2 * 16e9 * 66, 50).optimal_visual_tokens == pytest.approx(12.5)
+    # with a query of Q = 50: V* = beta q / (alpha - beta), q the tokens paid besides V --
+    # Q for a compressor that does not read the query, 2 Q for quecc (it runs the LLM over
+    # the query once more: tokenscale.costs.inference_flops)
+    plain = [dataclasses.replace(c, compressor="avgpool") for c in cands]
+    assert choose({"avgpool": reasoning["quecc"]}, plain, 2 * 16e9 * 66, 50).optimal_visual_tokens == pytest.approx(12.5)
+    assert optimal_visual_tokens(reasoning["quecc"], 50, 1, 576, compressor="quecc") == pytest.approx(25.0)
+    assert choose(reasoning, cands, 2 * 16e9 * 116, 50).optimal_visual_tokens == 16  # 25, clamped to the grid's V
     ocr = {"quecc": Law("product", A=0.8, alpha=0.02, beta=0.25, D=0.2)}
     choice = choose(ocr, cands, budget, 0)
     assert (choice.candidate.llm_params, choice.candidate.visual_tokens) == (int(1e9), 16)
@@ -338,7 +352,6 @@ def test_paper_finding_largest_llm_fewest_tokens():
 
 
 def result_rows(grid, llm, n, v, compressor, seed=0):
-    base = {f.name: None for f in RESULT_SCHEMA}
     rng = np.random.default_rng(zlib.crc32(f"{llm}/{v}/{compressor}/{seed}".encode()))  # not hash(): salted per process
     laws = {
         "reasoning": Law("product", A=30, alpha=0.2, beta=0.04, D=0.1),
@@ -349,13 +362,12 @@ def result_rows(grid, llm, n, v, compressor, seed=0):
     for family, law in laws.items():
         for bench in ("b1", "b2"):
             error = float(np.clip(law.predict(n, v) + shift + rng.normal(0, 0.003), 0, 1))
-            rows.append(base | {
-                "grid": grid, "trial_id": f"{llm}-{v}-{compressor}", "config_hash": f"h{llm}{v}{compressor}",
-                "llm": llm, "llm_params": int(n), "visual_tokens": v, "compressor": compressor, "seed": seed,
-                "benchmark": f"{family}-{bench}", "task_family": family, "score": 1 - error, "error": error,
-                "n_examples": 100, "text_tokens_mean": 12.0, "inference_flops": 2.0 * n * (12 + v),
-                "finished_at": datetime.now(timezone.utc),
-            })
+            rows.append(synthetic_row(
+                grid=grid, trial_id=f"{llm}-{v}-{compressor}", config_hash=f"h{llm}{v}{compressor}",
+                llm=llm, llm_params=int(n), visual_tokens=v, compressor=compressor, seed=seed,
+                benchmark=f"{family}-{bench}", task_family=family, error=error,
+                n_examples=100, text_tokens_mean=12.0,
+            ))
     return rows
 
 
@@ -435,6 +447,179 @@ def test_fit_grid_and_plots_on_s3(s3_endpoint):
     assert len(rows) == 4 and skipped == []
     _, result = query(store, "select count(*), count(alpha_lo) from laws where form = 'product'")
     assert result == [(2, 2)]
+    assert store.exists(store.draws_key("g")) and store.read_draws("g").num_rows == 4 * 30
+    assert query(store, "select count(*), count(distinct form) from draws")[1] == [(120, 2)]
     keys = write_plots(store, "g", text_tokens=(0,))
     assert len(keys) == 3 and all(k.startswith("s3://tokenscale/fits/g/plots/") for k in keys)
     assert all(store.get_bytes(k)[:8] == PNG_MAGIC for k in keys)
+
+
+# ---- the draws fit_grid stores, the N it fits on, what a query-conditioned compressor costs ----
+
+
+def test_fit_grid_stores_each_laws_draws_beside_it(tmp_path):
+    """draws.parquet holds every law's joint draws (one row per resample, keyed like the
+    law, same fitted_at); they are the bootstrap the law's CIs came from; SQL has them
+    as `draws` and the `laws` view does not pick them up."""
+    store = Store.open(str(tmp_path / "store"))
+    synthetic_grid(store)
+    rows, _ = fit_grid(store, "g", resamples=60, seed=5)
+    assert store.draws_key("g") == store.join("g", "laws", "draws.parquet")
+    table = pq.read_table(io.BytesIO(store.get_bytes(store.draws_key("g"))))
+    assert table.schema == DRAW_SCHEMA
+    draws = store.read_draws("g").to_pylist()
+    assert len(draws) == 8 * 60
+    results = store.read_results("g")
+    for row in rows:
+        key = (row["task_family"], row["compressor"], row["form"])
+        mine = sorted((d for d in draws if (d["task_family"], d["compressor"], d["form"]) == key), key=lambda d: d["draw"])
+        assert [d["draw"] for d in mine] == list(range(60)) == list(range(row["ci_resamples"]))
+        assert row["ci_seed"] == 5 and row["llm_params_column"] == "llm_params" and row["loss"] == "squared"
+        assert {d["fitted_at"] for d in mine} == {row["fitted_at"]}
+        assert all((d["B"] is None) == (row["form"] == "product") for d in mine)
+        # the stored CIs are the percentiles of the stored draws
+        alpha = np.array([d["alpha"] for d in mine])
+        lo, hi = np.quantile(alpha, [0.05, 0.95], method="inverted_cdf")
+        assert (row["alpha_lo"], row["alpha_hi"]) == (lo, hi)
+        # and the draws are the bootstrap of this law from this seed
+        n, v, e = law_points(results)[key[:2]]
+        law = fit_law(n, v, e, key[2])
+        ci = bootstrap_law(n, v, e, key[2], law=law, resamples=60, seed=5)
+        assert np.allclose([d["alpha"] for d in mine], ci.draws.alpha, rtol=1e-12, atol=0)
+        assert np.allclose([d["A"] for d in mine], ci.draws.A, rtol=1e-12, atol=0)
+    assert query(store, "select count(*) from laws")[1] == [(8,)]
+    assert query(store, "select count(*), count(distinct (task_family, compressor, form)) from draws")[1] == [(480, 8)]
+    assert query(store, "select count(*) from draws d join laws l using (grid, task_family, compressor, form)")[1] == [(480,)]
+    empty = Store.open(str(tmp_path / "empty"))
+    columns, result = query(empty, "select * from draws")
+    assert columns == DRAW_SCHEMA.names and result == []
+
+
+def test_huber_law_gets_huber_draws(tmp_path):
+    """A law fitted with loss huber is bootstrapped with Huber: its stored draws are
+    `bootstrap_law(..., loss="huber")`'s, not the squared-loss ones."""
+    store = Store.open(str(tmp_path / "store"))
+    synthetic_grid(store)
+    rows, _ = fit_grid(store, "g", loss="huber", resamples=40, seed=2)
+    assert {r["loss"] for r in rows} == {"huber"}
+    draws = store.read_draws("g").to_pylist()
+    n, v, e = law_points(store.read_results("g"))[("reasoning", "avgpool")]
+    mine = sorted((d for d in draws if (d["task_family"], d["compressor"], d["form"]) == ("reasoning", "avgpool", "product")),
+                  key=lambda d: d["draw"])
+    huber = bootstrap_law(n, v, e, "product", law=fit_law(n, v, e, "product", loss="huber"), resamples=40, seed=2, loss="huber")
+    squared = bootstrap_law(n, v, e, "product", law=fit_law(n, v, e, "product"), resamples=40, seed=2)
+    stored = np.array([[d["A"], d["alpha"], d["beta"], d["D"]] for d in mine])
+    expected = np.column_stack([huber.draws.A, huber.draws.alpha, huber.draws.beta, huber.draws.D])
+    assert np.allclose(stored, expected, rtol=1e-12, atol=0)
+    assert not np.allclose(stored, np.column_stack([squared.draws.A, squared.draws.alpha, squared.draws.beta, squared.draws.D]))
+    with pytest.raises(FitError, match="loss"):
+        bootstrap_law(n, v, e, "product", loss="l1")
+
+
+def test_fit_grid_on_non_embedding_params_and_old_rows(tmp_path):
+    """Each law records the N it was fitted on; rows written before
+    llm_params_non_embedding existed read back null, and fitting on it fails clearly."""
+    store = Store.open(str(tmp_path / "store"))
+    synthetic_grid(store)
+    rows, _ = fit_grid(store, "g", resamples=20, n_column="llm_params_non_embedding")
+    default, _ = fit_grid(store, "g", resamples=20)
+    for row, base in zip(rows, default, strict=True):
+        assert row["llm_params_column"] == "llm_params_non_embedding" and base["llm_params_column"] == "llm_params"
+        assert row["max_llm_params"] == round(0.8 * base["max_llm_params"])
+        # N' = 0.8 N: the same exponents, another amplitude
+        assert row["alpha"] == pytest.approx(base["alpha"], abs=2e-3) and row["beta"] == pytest.approx(base["beta"], abs=2e-3)
+    back = laws_from_table(store.read_laws("g"))
+    assert {law.llm_params_column for _, law in back} == {"llm_params"}  # the last fit's
+    with pytest.raises(FitError, match="n_column 'params'"):
+        fit_grid(store, "g", n_column="params")
+
+    old = Store.open(str(tmp_path / "old"))
+    for (llm, n), v in itertools.product([("s", 5e8), ("m", 1.8e9), ("l", 4e9)], [1, 16, 144]):
+        table = pa.Table.from_pylist(result_rows("old", llm, n, v, "avgpool"), schema=RESULT_SCHEMA).drop_columns(["llm_params_non_embedding"])
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer)  # as a writer before the column existed left it
+        old.put_bytes(old.result_key("old", "avgpool", f"h{llm}{v}"), buffer.getvalue())
+    assert set(old.read_results("old")["llm_params_non_embedding"].to_pylist()) == {None}
+    with pytest.raises(FitError, match="36 of 36 result rows have no llm_params_non_embedding.*--n-column llm_params"):
+        fit_grid(old, "old", n_column="llm_params_non_embedding")
+    assert not old.exists(old.laws_key("old")) and not old.exists(old.draws_key("old"))
+    rows, _ = fit_grid(old, "old", resamples=20)
+    assert len(rows) == 4 and {r["llm_params_column"] for r in rows} == {"llm_params"}
+
+
+def test_a_query_conditioned_compressor_pays_the_query_again():
+    q, g = 30.0, 4.0
+    quecc, avgpool = Candidate("m", 10**9, 16, "quecc"), Candidate("m", 10**9, 16, "avgpool")
+    assert avgpool.flops(q, g) == 2 * 1e9 * (q + 16 + g) == inference_flops(1e9, q, 16, g, compressor="avgpool")
+    assert quecc.flops(q, g) == 2 * 1e9 * (2 * q + 16 + g) == inference_flops(1e9, q, 16, g, compressor="quecc")
+    law = Law("product", A=30, alpha=0.2, beta=0.04, D=0.1)
+    # the same law for both: within a budget only avgpool's price fits, so it is chosen
+    choice = choose({"quecc": law, "avgpool": law}, [quecc, avgpool], avgpool.flops(q, g), q, g)
+    assert choice.candidate == avgpool
+    with pytest.raises(BudgetError, match="cheapest"):
+        choose({"quecc": law}, [quecc], avgpool.flops(q, g), q, g)
+    # the continuous optimum spends what quecc pays: N* (Q' + V*) with Q' = 2Q + G
+    n_star, v_star, _ = optimal_curve(law, q, [1e13], 1, 576, generated_tokens=g, compressor="quecc")
+    assert v_star[0] == pytest.approx(0.04 * (2 * q + g) / 0.16)
+    assert inference_flops(n_star[0], q, v_star[0], g, compressor="quecc") == pytest.approx(1e13)
+    s = Law("sum", **SUM)
+    grid = np.geomspace(1, 576, 200_001)
+    brute = grid[np.argmin(s.predict(1e13 / (2 * (2 * q + g + grid)), grid))]
+    assert optimal_visual_tokens(s, q, 1, 576, flops=1e13, generated_tokens=g, compressor="quecc") == pytest.approx(brute, rel=1e-3)
+
+
+def test_choice_shares_follow_the_choice_rule_draw_by_draw():
+    """choice_shares over the draws = how often `choose`, given draw i's laws, picks each
+    candidate; Draws.error_interval = percentiles of the draws' predictions."""
+    rng = np.random.default_rng(3)
+    k = 50
+    draws = {
+        "avgpool": Draws.from_columns("product", rng.uniform(20, 40, k), rng.uniform(0.1, 0.3, k), rng.uniform(0.02, 0.08, k),
+                                      rng.uniform(0.05, 0.15, k)),
+        "quecc": Draws.from_columns("sum", rng.uniform(30, 50, k), rng.uniform(0.2, 0.3, k), rng.uniform(0.3, 0.7, k),
+                                    rng.uniform(0.0, 0.1, k), B=rng.uniform(0.2, 0.4, k)),
+    }
+    laws = {"avgpool": Law("product", A=30, alpha=0.2, beta=0.04, D=0.1), "quecc": Law("sum", **SUM)}
+    cands = _random_candidates(rng, 25)
+    usable = [c for c in cands if c.compressor in laws]
+    errors = draw_errors(draws, laws, usable)
+    assert errors.shape == (k, len(usable))
+    costs = np.array([c.flops(20.0) for c in usable])
+    for budget in np.quantile(costs, [0.2, 0.5, 1.0]):
+        shares = choice_shares(errors, costs, budget)
+        counts = dict.fromkeys(usable, 0)
+        for i in range(k):
+            laws_i = {name: Law(d.form, A=d.A[i], alpha=d.alpha[i], beta=d.beta[i], D=d.D[i],
+                                B=None if d.form == "product" else d.B[i]) for name, d in draws.items()}
+            counts[choose(laws_i, usable, budget, 20.0).candidate] += 1
+        assert np.allclose(shares, [counts[c] / k for c in usable]) and shares.sum() == pytest.approx(1.0)
+    d = draws["quecc"]
+    lo, hi = d.error_interval([1e9, 7e9], [4, 64], 0.8)
+    manual = np.array([[Law("sum", A=d.A[i], alpha=d.alpha[i], beta=d.beta[i], D=d.D[i], B=d.B[i]).predict(n, v)
+                        for n, v in ((1e9, 4), (7e9, 64))] for i in range(k)])
+    assert np.array_equal(lo, np.quantile(manual, 0.1, axis=0, method="inverted_cdf"))
+    assert np.array_equal(hi, np.quantile(manual, 0.9, axis=0, method="inverted_cdf"))
+    assert np.isnan(choice_shares(errors[:0], costs, 1e30)).all()
+
+
+def test_cli_fit_grid_with_loss_and_n_column(tmp_path, capsys):
+    """`tokenscale fit GRID --loss huber --n-column llm_params_non_embedding` writes laws
+    that say so, and their draws; a bad choice is a one-line error, exit status 2."""
+    from tokenscale.cli import main
+
+    store = Store.open(str(tmp_path / "store"))
+    synthetic_grid(store)
+    assert main(["fit", "g", "--store", store.uri, "--loss", "huber", "--n-column", "llm_params_non_embedding"]) == 0
+    out = capsys.readouterr().out
+    assert f"laws written to {store.laws_key('g')}, their bootstrap draws to {store.draws_key('g')}" in out
+    assert "N=llm_params_non_embedding, huber loss, 200 draws" in out
+    laws = store.read_laws("g").to_pylist()
+    assert {(r["loss"], r["llm_params_column"], r["ci_resamples"]) for r in laws} == {("huber", "llm_params_non_embedding", 200)}
+    assert store.read_draws("g").num_rows == 8 * 200
+    for argv, message in ((["--loss", "l1"], "--loss 'l1': choose one of squared, huber"),
+                          (["--form", "cubic", "--points", "x.csv"], "--form 'cubic': choose one of product, sum")):
+        assert main(["fit", "g", "--store", store.uri, *argv]) == 2
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit:
+        main(["fit", "g", "--store", store.uri, "--n-column", "params"])
+    assert exit.value.code == 2 and "llm_params_non_embedding" in capsys.readouterr().err

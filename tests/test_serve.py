@@ -2,26 +2,33 @@
 
 Covers every endpoint, the bad inputs the issue lists (each a 4xx with a JSON message), a
 schemathesis fuzz run against /openapi.json with zero 5xx, and hot reload of a refit.
-The Advisor is also checked against `fitting.frontier.choose`/`frontier` without Ray.
+The Advisor is also checked against `fitting.frontier.choose`/`frontier` without Ray, its
+prediction CIs against the draws `fit` stored (a Huber law included), and the Serve
+modules against importing the solver or the bootstrap.
 """
 
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 import time
 from collections import Counter
 from datetime import datetime, timezone
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import requests
 from conftest import free_port
+from synthetic import synthetic_row, write_synthetic_results
 
 from tokenscale.fitting.frontier import choose, frontier
-from tokenscale.fitting.grid_fit import fit_grid
-from tokenscale.fitting.synthetic import write_synthetic_results
+from tokenscale.fitting.grid_fit import fit_grid, law_points
+from tokenscale.fitting.solve import fit_law
+from tokenscale.fitting.uncertainty import bootstrap_law
 from tokenscale.serve.advisor import Advisor, BadRequest, laws_fingerprint, load_snapshot
-from tokenscale.store import LAW_SCHEMA, RESULT_SCHEMA, Store
+from tokenscale.store import LAW_SCHEMA, Store
 
 GRID = "syn"
 LLMS = {"xs": 1_000_000, "s": 4_000_000, "m": 16_000_000, "l": 64_000_000}
@@ -88,7 +95,7 @@ def served(store, tmp_path_factory):
         port = free_port()
         url = start(store.uri, GRID, "127.0.0.1", port, reload_seconds=RELOAD_SECONDS)
         pending_url = start(pending.uri, None, "127.0.0.1", port, reload_seconds=RELOAD_SECONDS,
-                            ci_resamples=0, name="pending", route_prefix="/pending")
+                            cis=False, name="pending", route_prefix="/pending")
         yield url, pending_url, pending
     finally:
         serve.shutdown()
@@ -121,6 +128,7 @@ def test_advisor_agrees_with_fitting(advisor):
                         assert ours["flops"] == pytest.approx(theirs.flops) and ours["flops"] <= budget
                         lo, hi = ours["predicted_error_lo"], ours["predicted_error_hi"]
                         assert lo is not None and lo <= hi and ours["ci_level"] == pytest.approx(0.9)
+                        assert 0 <= ours["optimal_share"] <= 1
                     points = advisor.frontier(task, q, compressor, form)["points"]
                     expected = frontier(laws, snap.candidates, q)
                     assert [(p["llm"], p["visual_tokens"], p["compressor"]) for p in points] == [
@@ -134,21 +142,115 @@ def test_advisor_agrees_with_fitting(advisor):
             advisor.optimal(bad, 0.0, "reasoning")
 
 
-def test_prediction_ci_is_the_fits_bootstrap(store, advisor):
-    """The prediction CI re-runs the fit's bootstrap (same resamples, level, seed) on the
-    store's results: deterministic from load to load, and its parameter intervals overlap
-    the ones the fit stored (equal up to resampling noise: the fit's point order may differ)."""
+def expected_interval(draws: list[dict], key: tuple[str, str, str], n: float, v: float, level: float) -> tuple[float, float]:
+    """The prediction interval at (N, V), computed here from draws.parquet's rows."""
+    mine = sorted((d for d in draws if (d["task_family"], d["compressor"], d["form"]) == key), key=lambda d: d["draw"])
+    assert mine, key
+    if key[2] == "product":
+        errors = [d["A"] * n ** -d["alpha"] * v ** -d["beta"] + d["D"] for d in mine]
+    else:
+        errors = [d["A"] * n ** -d["alpha"] + d["B"] * v ** -d["beta"] + d["D"] for d in mine]
+    lo, hi = np.quantile(errors, [(1 - level) / 2, (1 + level) / 2], method="inverted_cdf")
+    return float(lo), float(hi)
+
+
+def test_prediction_ci_comes_from_the_stored_draws(store, advisor):
+    """The prediction CI is the percentile interval, at the law's ci_level, of the
+    predictions of the draws `fit` stored beside the law: the same from load to load, and
+    the parameter CIs the fit stored are the percentiles of those same draws."""
+    draws = store.read_draws(GRID).to_pylist()
     again = load_snapshot(store, GRID)
     for row in advisor.laws()["laws"]:
-        assert row["ci_resamples"] == 200 and row["ci_level"] == pytest.approx(0.9)
+        assert row["ci_resamples"] == 200 and row["draws_loaded"] == 200 and row["ci_level"] == pytest.approx(0.9)
         key = (row["task_family"], row["compressor"], row["form"])
-        ci = advisor.snapshot.law_cis[key]
-        assert ci.alpha == again.law_cis[key].alpha and ci.beta == again.law_cis[key].beta
-        assert max(ci.alpha[0], row["alpha_lo"]) < min(ci.alpha[1], row["alpha_hi"])  # overlap
+        alpha = [d["alpha"] for d in draws if (d["task_family"], d["compressor"], d["form"]) == key]
+        assert [row["alpha_lo"], row["alpha_hi"]] == list(np.quantile(alpha, [0.05, 0.95], method="inverted_cdf"))
         assert row["D_lo"] is not None and row["D_lo"] <= row["D_hi"]
-    opts = advisor.snapshot.options[("reasoning", None, "product")]
-    assert np.array_equal(opts.error_lo, again.options[("reasoning", None, "product")].error_lo)
-    assert np.all(opts.error_lo <= opts.error_hi)
+    for key in (("reasoning", None, "product"), ("ocr", "qformer", "sum")):
+        opts = advisor.snapshot.options[key]
+        assert np.array_equal(opts.error_lo, again.options[key].error_lo)
+        assert np.all(opts.error_lo <= opts.error_hi)
+        for c, lo, hi in zip(opts.candidates, opts.error_lo, opts.error_hi, strict=True):
+            assert (lo, hi) == pytest.approx(expected_interval(draws, (key[0], c.compressor, key[2]), c.llm_params,
+                                                               c.visual_tokens, 0.9), rel=1e-12)
+
+
+def test_serves_a_huber_laws_ci_from_its_stored_draws(tmp_path):
+    """A grid fitted with loss huber: the CI /optimal answers is the one computed from the
+    Huber draws `fit_grid` stored (and those are the Huber bootstrap of the law, from the
+    fit's seed), and optimal_share is the share of those draws in which the answer wins."""
+    store = Store.open(str(tmp_path / "huber"))
+    write_results(store)
+    rows, skipped = fit_grid(store, GRID, loss="huber", resamples=80, seed=7)
+    assert len(rows) == 8 and not skipped and {r["loss"] for r in rows} == {"huber"}
+    draws = pq.read_table(store.draws_key(GRID)).to_pylist()
+    advisor = Advisor(load_snapshot(store, GRID))
+    points = law_points(store.read_results(GRID))
+    shares = []
+    for task, compressor, form, q, budget in [("reasoning", None, "product", 0.0, 2e9), ("ocr", "qformer", "sum", 16.0, 5e8),
+                                              ("ocr", None, "product", 37.0, 1e10), ("reasoning", None, "sum", 0.0, 1e9),
+                                              ("ocr", None, "sum", 16.0, 4e8)]:
+        answer = advisor.optimal(budget, q, task, compressor, form)
+        key = (task, answer["compressor"], form)
+        n, v = answer["llm_params"], answer["visual_tokens"]
+        row = next(r for r in rows if (r["task_family"], r["compressor"], r["form"]) == key)
+        expected = expected_interval(draws, key, n, v, row["ci_level"])
+        assert (answer["predicted_error_lo"], answer["predicted_error_hi"]) == pytest.approx(expected, rel=1e-12)
+        assert answer["ci_level"] == row["ci_level"] == pytest.approx(0.9)
+        pn, pv, pe = points[key[:2]]
+        ci = bootstrap_law(pn, pv, pe, form, law=fit_law(pn, pv, pe, form, loss="huber"), resamples=80, seed=7, loss="huber")
+        assert np.allclose(ci.error_interval(n, v), np.array(expected)[:, None], rtol=1e-12, atol=0)
+        # optimal_share by hand: in how many draws (taken together across compressors) the
+        # answer has the lowest predicted error among the candidates within the budget
+        snap = advisor.snapshot
+        cands = [c for c in snap.candidates if (compressor is None or c.compressor == compressor)
+                 and 2 * c.llm_params * (q + c.visual_tokens) <= budget]
+        by_draw = []
+        for i in range(80):
+            scored = []
+            for c in cands:
+                d = next(d for d in draws if (d["task_family"], d["compressor"], d["form"], d["draw"]) == (task, c.compressor, form, i))
+                error = d["A"] * c.llm_params ** -d["alpha"] * (c.visual_tokens ** -d["beta"] if form == "product" else 1.0) + d["D"]
+                if form == "sum":
+                    error += d["B"] * c.visual_tokens ** -d["beta"]
+                scored.append((error, 2 * c.llm_params * (q + c.visual_tokens), c))
+            by_draw.append(min(scored, key=lambda t: (t[0], t[1]))[2])
+        wins = sum(c.llm == answer["llm"] and c.visual_tokens == v and c.compressor == answer["compressor"] for c in by_draw)
+        assert answer["optimal_share"] == pytest.approx(wins / 80)
+        shares.append(answer["optimal_share"])
+    assert min(shares) < 0.9 and max(shares) == 1.0  # some choices are sure, some are not
+
+
+def test_serves_a_law_fitted_on_non_embedding_params(tmp_path):
+    """A law fitted on llm_params_non_embedding predicts from each candidate's
+    non-embedding N, while the candidate's cost stays inference_flops of its N."""
+    store = Store.open(str(tmp_path / "non-embedding"))
+    write_results(store)
+    fit_grid(store, GRID, resamples=30, n_column="llm_params_non_embedding")
+    advisor = Advisor(load_snapshot(store, GRID))
+    for task, q in (("reasoning", 16.0), ("ocr", 0.0)):
+        answer = advisor.optimal(2e9, q, task)
+        row, law = advisor.snapshot.laws[(task, answer["compressor"], "product")]
+        assert row["llm_params_column"] == law.llm_params_column == "llm_params_non_embedding"
+        c = next(c for c in advisor.snapshot.candidates
+                 if (c.llm, c.visual_tokens, c.compressor) == (answer["llm"], answer["visual_tokens"], answer["compressor"]))
+        assert c.llm_params_non_embedding == round(0.8 * c.llm_params)
+        assert answer["predicted_error"] == pytest.approx(float(law.predict(c.llm_params_non_embedding, c.visual_tokens)), rel=1e-12)
+        assert answer["flops"] == 2 * c.llm_params * (q + c.visual_tokens)
+        assert answer["predicted_error_lo"] <= answer["predicted_error"] <= answer["predicted_error_hi"]
+
+
+def test_serve_imports_neither_the_solver_nor_the_bootstrap():
+    """The replica only reads and answers: importing the Serve modules loads the law's
+    prediction and the choice, and nothing that fits or resamples."""
+    code = "import sys, tokenscale.serve.advisor, tokenscale.serve.app; print(' '.join(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    loaded = set(out.stdout.split())
+    assert {"tokenscale.serve.advisor", "tokenscale.fitting.law", "tokenscale.fitting.frontier"} <= loaded
+    forbidden = {"tokenscale.fitting.solve", "tokenscale.fitting.uncertainty", "tokenscale.fitting.grid_fit",
+                 "tokenscale.fitting.plots", "scipy.optimize"}
+    assert not forbidden & loaded, forbidden & loaded
 
 
 def test_trials_rank_by_mean_error_over_the_family(advisor, store):
@@ -170,13 +272,14 @@ def test_load_skips_rows_it_cannot_serve(tmp_path):
     """A law with a NaN parameter or a result row without N is left out, not a failed load."""
     store = Store.open(str(tmp_path / "s"))
     write_results(store)
-    broken = {f.name: None for f in RESULT_SCHEMA} | {"grid": GRID, "task_family": "ocr", "compressor": "avgpool",
-                                                      "llm": "ghost", "visual_tokens": 4, "error": 0.5}
+    # a row as a broken writer could leave it: built whole, then its N taken away
+    broken = synthetic_row(grid=GRID, task_family="ocr", compressor="avgpool", llm="ghost", llm_params=10**6,
+                           visual_tokens=4, benchmark="textvqa", error=0.5) | {"llm_params": None}
     store.write_results(GRID, "avgpool", "ghost", [broken])
     rows = law_rows(GRID, 0.2, datetime.now(timezone.utc))
     rows[0] |= {"alpha": float("nan")}  # (reasoning, avgpool) unusable
     store.write_laws(GRID, rows)
-    advisor = Advisor(load_snapshot(store, ci_resamples=0))
+    advisor = Advisor(load_snapshot(store, cis=False))
     assert ("reasoning", "avgpool", "product") not in advisor.snapshot.laws
     assert all(c.llm != "ghost" for c in advisor.snapshot.candidates)
     assert advisor.optimal(1e10, 0, "reasoning")["compressor"] == "qformer"
@@ -206,7 +309,7 @@ def test_laws_fingerprint_on_s3(s3_endpoint):
     assert [g for g, *_ in first] == [GRID] and laws_fingerprint(store, GRID) == first
     store.write_laws(GRID, law_rows(GRID, 0.35, datetime.now(timezone.utc)))
     assert laws_fingerprint(store) != first
-    snapshot = load_snapshot(store, ci_resamples=0)
+    snapshot = load_snapshot(store, cis=False)
     assert snapshot.grid == GRID and len(snapshot.candidates) == 32
     assert Advisor(snapshot).optimal(1e10, 0, "ocr")["predicted_error_lo"] is None  # no CI asked
 

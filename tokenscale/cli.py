@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from .store import Store
+from .store import LAW_N_COLUMNS, Store
 
 # A packaged grid (tokenscale.configs, shipped in the wheel): resolved by configs.grid_path,
 # so `tokenscale demo` works from a non-editable install too.
@@ -124,14 +124,22 @@ def _read_points(path: str) -> tuple[list[float], list[float], list[float]]:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from tokenscale.fitting.law import fit_law, optimal_visual_tokens
+    from tokenscale.costs import FORMS, inference_flops
+    from tokenscale.fitting.frontier import optimal_visual_tokens
+    from tokenscale.fitting.law import LOSSES
+    from tokenscale.fitting.solve import fit_law
 
+    form, loss = args.form or FORMS[0], args.loss or LOSSES[0]
+    if form not in FORMS:
+        raise CLIError(f"--form {form!r}: choose one of {', '.join(FORMS)}")
+    if loss not in LOSSES:
+        raise CLIError(f"--loss {loss!r}: choose one of {', '.join(LOSSES)}")
     if args.points:
         if args.grid:
             raise CLIError("give either GRID or --points FILE.csv, not both")
         n, v, e = _read_points(args.points)
-        law = fit_law(n, v, e, args.form)
-        flops = args.flops if args.flops else 2.0 * max(n) * (args.text_tokens + max(v))
+        law = fit_law(n, v, e, form, loss=loss)
+        flops = args.flops if args.flops else float(inference_flops(max(n), args.text_tokens, max(v)))
         out = {k: val for k, val in law.to_dict().items() if not (k == "B" and val is None)}
         out["text_tokens"] = args.text_tokens
         out["optimal_visual_tokens"] = optimal_visual_tokens(law, args.text_tokens, min(v), max(v), flops=flops)
@@ -146,7 +154,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from tokenscale.fitting.grid_fit import fit_grid
 
     store = _store(args)
-    rows, skipped = fit_grid(store, args.grid)
+    rows, skipped = fit_grid(store, args.grid, loss=loss, n_column=args.n_column)
     for line in skipped:
         print(f"not fitted: {line}")
     if args.json:
@@ -155,9 +163,11 @@ def cmd_fit(args: argparse.Namespace) -> int:
         for r in rows:
             print(
                 f"{r['task_family']:>10} {r['compressor']:>16} {r['form']:>8}: alpha={r['alpha']:.3f} "
-                f"beta={r['beta']:.3f} D={r['D']:.3f} r2={r['r2']:.3f} (n={r['n_points']})"
+                f"beta={r['beta']:.3f} D={r['D']:.3f} r2={r['r2']:.3f} (n={r['n_points']}, N={r['llm_params_column']}, "
+                f"{r['loss']} loss, {r['ci_resamples']} draws)"
             )
-        print(f"laws written to {store.laws_key(args.grid)}")
+        if rows:
+            print(f"laws written to {store.laws_key(args.grid)}, their bootstrap draws to {store.draws_key(args.grid)}")
     if rows:
         from tokenscale.fitting.plots import write_plots
 
@@ -240,6 +250,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for line in skipped:
         print(f"  not fitted: {line}")
     if rows:
+        print(f"  laws: {store.laws_key(grid.name)} (N = {rows[0]['llm_params_column']}, {rows[0]['loss']} loss); "
+              f"bootstrap draws: {store.draws_key(grid.name)}")
         from tokenscale.fitting.plots import write_plots
 
         for key in write_plots(store, grid.name):
@@ -299,7 +311,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("grid", nargs="?", help="grid name in the store")
     p.add_argument("--store", help=store_help)
     p.add_argument("--points", help="CSV with columns llm_params,visual_tokens,error")
-    p.add_argument("--form", choices=["product", "sum"], default="product")
+    # --form and --loss are checked in cmd_fit against tokenscale.costs.FORMS and
+    # fitting.law.LOSSES: importing those (numpy) here would slow every command down
+    p.add_argument("--form", help="--points only: the law's form, product (default) or sum")
+    p.add_argument("--loss", help="the fit's loss, squared (default) or huber; every bootstrap resample is refitted with it")
+    p.add_argument("--n-column", choices=list(LAW_N_COLUMNS), default=LAW_N_COLUMNS[0],
+                   help="GRID only: the results column the laws' N comes from (default llm_params, the paper's N)")
     p.add_argument("--text-tokens", type=float, default=0.0, help="query length Q for the optimal V (default 0: cached)")
     p.add_argument("--flops", type=float, help="budget for the sum form's optimal V (default: the largest point's cost)")
     p.add_argument("--json", action="store_true", help="print JSON")

@@ -1,4 +1,4 @@
-"""DuckDB over the store: views `results` and `laws`, local or s3:// (httpfs, offline)."""
+"""DuckDB over the store: views `results`, `laws` and `draws`, local or s3:// (httpfs, offline)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from urllib.parse import urlparse
 
 import duckdb
 
-from .store import LAW_COLUMNS, RESULT_COLUMNS, Store, s3_endpoint
+from .store import DRAW_COLUMNS, LAW_COLUMNS, RESULT_COLUMNS, Store, s3_endpoint
 
 _DUCK_TYPES = {
     "string": "VARCHAR",
@@ -65,17 +65,20 @@ def _empty_view(con: duckdb.DuckDBPyConnection, name: str, schema: tuple[tuple[s
 
 
 def connect(store: Store) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB with `results` and `laws` views over the store's parquet."""
+    """An in-memory DuckDB with views over the store's parquet: `results` (one row per
+    trial x benchmark), `laws` (one per fitted law) and `draws` (each law's bootstrap
+    parameter draws, one row per resample)."""
     con = duckdb.connect(":memory:")
     if store.is_s3:
         _load_httpfs(con)
         _s3_secret(con)
-    keys = store.list(store.uri, ".parquet")  # one listing for both views
-    for view, glob, schema, marker in (
-        ("results", store.results_glob(), RESULT_COLUMNS, "/results/"),
-        ("laws", store.laws_glob(), LAW_COLUMNS, "/laws/"),
+    keys = store.list(store.uri, ".parquet")  # one listing for every view
+    for view, glob, schema, present in (
+        ("results", store.results_glob(), RESULT_COLUMNS, lambda key: "/results/" in key),
+        ("laws", store.laws_glob(), LAW_COLUMNS, lambda key: key.endswith("/laws/laws.parquet")),
+        ("draws", store.draws_glob(), DRAW_COLUMNS, lambda key: key.endswith("/laws/draws.parquet")),
     ):
-        if any(marker in key for key in keys):
+        if any(present(key) for key in keys):
             # Columns live in the files; hive_partitioning off so the path's grid= and
             # compressor= segments never shadow them.
             con.execute(

@@ -6,6 +6,7 @@ the column set are defined once:
 
     <store>/<grid>/results/grid=<grid>/compressor=<c>/<config_hash>.parquet   one per trial
     <store>/<grid>/laws/laws.parquet                                            one per fit
+    <store>/<grid>/laws/draws.parquet                                           its laws' bootstrap draws
     <store>/<grid>/plots/*.png
 
 Every object is written whole with one PUT (S3) or one atomic rename (local), and a
@@ -144,6 +145,9 @@ LAW_COLUMNS: tuple[tuple[str, str], ...] = (
     ("ratio_hi", "double"),
     ("ci_level", "double"),
     ("loss", "string"),
+    ("llm_params_column", "string"),  # the N it was fitted on: one of LAW_N_COLUMNS
+    ("ci_resamples", "int64"),  # bootstrap draws behind the CIs (rows in draws.parquet)
+    ("ci_seed", "int64"),
     ("min_llm_params", "int64"),
     ("max_llm_params", "int64"),
     ("min_visual_tokens", "int64"),
@@ -151,16 +155,36 @@ LAW_COLUMNS: tuple[tuple[str, str], ...] = (
     ("fitted_at", "timestamp[us, tz=UTC]"),
 )
 
+# The result columns a law's N can come from (LAW_SCHEMA's llm_params_column).
+LAW_N_COLUMNS: tuple[str, ...] = ("llm_params", "llm_params_non_embedding")
+
+# One row per (grid, task_family, compressor, form, draw): the joint bootstrap draws of
+# each law in laws.parquet, refitted with the law's loss from the fit's seed, written by
+# the same fit (same fitted_at) just before the laws. B is null for the product form.
+DRAW_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("grid", "string"),
+    ("task_family", "string"),
+    ("compressor", "string"),
+    ("form", "string"),
+    ("draw", "int64"),
+    ("A", "double"),
+    ("B", "double"),
+    ("alpha", "double"),
+    ("beta", "double"),
+    ("D", "double"),
+    ("fitted_at", "timestamp[us, tz=UTC]"),
+)
+
 # Each record kind's columns as (name, Arrow type) above, its pyarrow schema
-# (`RESULT_SCHEMA`, `LAW_SCHEMA`) built on first use: pyarrow (and
+# (`RESULT_SCHEMA`, `LAW_SCHEMA`, `DRAW_SCHEMA`) built on first use: pyarrow (and
 # numpy under it, ~0.1 s) is imported only where a table is built or read, so the CLI's
 # light commands (`sql`, `status`, `plan`) start without it.
-_COLUMNS = {"RESULT_SCHEMA": RESULT_COLUMNS, "LAW_SCHEMA": LAW_COLUMNS}
+_COLUMNS = {"RESULT_SCHEMA": RESULT_COLUMNS, "LAW_SCHEMA": LAW_COLUMNS, "DRAW_SCHEMA": DRAW_COLUMNS}
 
 
 @functools.cache
 def arrow_schema(name: str) -> pa.Schema:
-    """The pyarrow schema RESULT_SCHEMA, LAW_SCHEMA by name."""
+    """The pyarrow schema RESULT_SCHEMA, LAW_SCHEMA, DRAW_SCHEMA by name."""
     import pyarrow as pa
 
     types = {"string": pa.string(), "int64": pa.int64(), "double": pa.float64(),
@@ -276,7 +300,13 @@ class Store:
         return self.join(grid, "laws", "laws.parquet")
 
     def laws_glob(self, grid: str | None = None) -> str:
-        return self.join(grid or "*", "laws", "*.parquet")
+        return self.join(grid or "*", "laws", "laws.parquet")
+
+    def draws_key(self, grid: str) -> str:
+        return self.join(grid, "laws", "draws.parquet")
+
+    def draws_glob(self, grid: str | None = None) -> str:
+        return self.join(grid or "*", "laws", "draws.parquet")
 
     def plots_dir(self, grid: str) -> str:
         return self.join(grid, "plots")
@@ -406,3 +436,57 @@ class Store:
         grids = [grid] if grid else self.grids()
         tables = [conform(self.read_table(self.laws_key(g)), arrow_schema("LAW_SCHEMA")) for g in grids if self.exists(self.laws_key(g))]
         return pa.concat_tables(tables) if tables else arrow_schema("LAW_SCHEMA").empty_table()
+
+    def write_draws(self, grid: str, rows: list[dict]) -> str:
+        """The fit's bootstrap draws, one object (write it before the laws it belongs to)."""
+        key = self.draws_key(grid)
+        self.write_table(key, rows, arrow_schema("DRAW_SCHEMA"))
+        return key
+
+    def read_draws(self, grid: str) -> pa.Table:
+        """The grid's draws (DRAW_SCHEMA); empty when it has none (not fitted, or fitted
+        before draws were stored)."""
+        key = self.draws_key(grid)
+        return conform(self.read_table(key), arrow_schema("DRAW_SCHEMA")) if self.exists(key) else arrow_schema("DRAW_SCHEMA").empty_table()
+
+    def laws_versions(self, grid: str | None = None) -> tuple[tuple, ...]:
+        """(grid, version...) per grid with a laws object (or just `grid`), from a stat
+        (local: inode, mtime, size) or a HEAD (S3: ETag, LastModified, size), without
+        reading any parquet: a cheap identity for pollers. Every write of laws is one atomic
+        rename / one PUT, so a refit always changes it."""
+        if not self.is_s3:
+            root = Path(self.uri)
+            grids = [grid] if grid else sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+            out = []
+            for g in grids:
+                try:
+                    st = Path(self.laws_key(g)).stat()
+                except (FileNotFoundError, NotADirectoryError):
+                    continue
+                out.append((g, st.st_ino, st.st_mtime_ns, st.st_size))
+            return tuple(out)
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        client = self._s3()
+        bucket, prefix = self._split(self.uri.rstrip("/") + "/")
+        try:
+            if grid:
+                grids = [grid]
+            else:  # one LIST with a delimiter names the grids without listing every result
+                grids = [
+                    p["Prefix"][len(prefix):].strip("/")
+                    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/")
+                    for p in page.get("CommonPrefixes", [])
+                ]
+            out = []
+            for g in sorted(grids):
+                try:
+                    head = client.head_object(Bucket=bucket, Key=self._split(self.laws_key(g))[1])
+                except ClientError as err:
+                    if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                        continue
+                    raise
+                out.append((g, head.get("ETag"), str(head.get("LastModified")), head.get("ContentLength")))
+            return tuple(out)
+        except (BotoCoreError, ClientError) as err:
+            raise StoreError(f"could not check the laws in {self.uri}: {err}") from None
