@@ -40,7 +40,8 @@ def test_resources_by_size_band():
         "workers": 4, "cpus_per_worker": 1,
         "bands": [{"max_params": 5000, "workers": 1}, {"max_params": 20000, "workers": 2}],
         "node_types": [{"cpus": 8, "gpus": 0}],
-    })
+    }, train={"micro_batch": 8, "global_batch": 96, "stage1_steps": 2, "stage2_steps": 4},  # 1, 2, 3 or 4 workers
+        vision={**tiny_grid()["vision"], "token_norm": "none"})
     grid = parse_grid(raw)
     by_llm = {t.llm.name: grid.resources.for_llm(t.llm)["workers"] for t in grid.trials()}
     sizes = {llm.name: estimate_llm_params(llm) for llm in grid.llms}

@@ -28,14 +28,84 @@ def _store(args: argparse.Namespace) -> Store:
         raise CLIError(f"--store: {err}") from None
 
 
+# ---- plan, schema, run -----------------------------------------------------------------
+
+
+def _load_grid(name_or_path: str):
+    """A grid file or a packaged grid name, validated in full (the one path to a grid)."""
+    from tokenscale.config import load_grid
+    from tokenscale.configs import grid_path
+
+    try:
+        path = grid_path(name_or_path)
+    except ValueError as err:
+        raise CLIError(f"GRID: {err}") from None
+    return load_grid(path)
+
+
+def plan_rows(grid, store: Store | None) -> list[dict]:
+    """One row per trial, in scheduling order: what it is, what it asks for, what it costs
+    and whether its result is already in the store. Neither torch nor Ray is imported."""
+    from tokenscale.config import planned_llm_params, trial_inference_flops, trial_training_flops
+    from tokenscale.workers.benchmarks import VOCAB
+
+    rows = []
+    for trial in grid.trials():
+        resources = grid.resources.for_llm(trial.llm)
+        params = planned_llm_params(trial.llm, None if trial.llm.path else len(VOCAB))
+        rows.append({
+            "trial_id": trial.trial_id,
+            "llm": trial.llm.name,
+            "llm_params": params,
+            "visual_tokens": trial.visual_tokens,
+            "compressor": trial.compressor,
+            "seed": trial.seed,
+            "workers": resources["workers"],
+            "gpus_per_worker": resources["gpus_per_worker"],
+            "execution": resources["execution"],
+            "inference_flops_q0": trial_inference_flops(trial, 0.0),
+            "accumulation": [trial.train.accumulation(stage, resources["workers"]) for stage in (1, 2)],
+            "training_flops": trial_training_flops(trial),
+            "in_store": None if store is None else store.has_result(trial.grid, trial.compressor, trial.config_hash),
+        })
+    return rows
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    grid = _load_grid(args.grid)
+    rows = plan_rows(grid, _store(args))
+    if args.format == "json":
+        print(json.dumps(rows))
+        return 0
+    columns = ["trial_id", "llm", "llm_params", "V", "compressor", "seed", "workers x GPUs", "accum s1/s2",
+               "inference FLOPs (Q=0)", "training FLOPs", "in store"]
+    table = [
+        (r["trial_id"], r["llm"], r["llm_params"], r["visual_tokens"], r["compressor"], r["seed"],
+         f"{r['workers']} x {r['gpus_per_worker']:g}", "/".join(map(str, r["accumulation"])),
+         r["inference_flops_q0"], r["training_flops"], "yes" if r["in_store"] else "no")
+        for r in rows
+    ]
+    _print_table(columns, table, "table")
+    done = sum(bool(r["in_store"]) for r in rows)
+    total = sum(r["training_flops"] or 0.0 for r in rows if not r["in_store"])
+    print(f"grid {grid.name!r}: {len(rows)} trials, {done} already in the store; {total:.3g} training FLOPs to run")
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from tokenscale.config import grid_json_schema
+
+    print(json.dumps(grid_json_schema(), indent=2))
+    return 0
+
+
 # ---- run ---------------------------------------------------------------------------------
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from tokenscale.orchestrator.driver import run_grid
-    from tokenscale.orchestrator.grid import load_grid
 
-    grid = load_grid(args.config)  # validated in full before anything starts
+    grid = _load_grid(args.config)  # validated in full before anything starts
     store = _store(args)
     summary = run_grid(grid, store, verbose=args.verbose)
     print(summary.line())
@@ -203,8 +273,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import requests
     from ray import serve
 
-    from tokenscale.config import load_grid
-    from tokenscale.configs import grid_path
     from tokenscale.fitting.grid_fit import fit_grid
     from tokenscale.orchestrator.driver import init_ray, run_grid
     from tokenscale.serve.app import start
@@ -212,7 +280,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .sql import query
 
     started = time.perf_counter()
-    grid = load_grid(grid_path(args.config))
+    grid = _load_grid(args.config)
     store = _store(args)
     print(f"[1/4] running grid {grid.name!r}: {len(grid.trials())} trials -> {store.uri}", flush=True)
     summary = run_grid(grid, store, verbose=args.verbose)
@@ -287,6 +355,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", help=store_help)
     p.add_argument("--verbose", type=int, default=1, choices=[0, 1, 2], help="Tune progress output")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("plan", help="validate a grid in full and list its trials, costs and what the store has (no Ray)")
+    p.add_argument("grid", help="grid YAML, or a packaged grid name (demo, paper)")
+    p.add_argument("--store", help=store_help)
+    p.add_argument("--format", choices=["table", "json"], default="table")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("schema", help="print the grid YAML's JSON Schema (for editors: see the README)")
+    p.set_defaults(func=cmd_schema)
 
     p = sub.add_parser("resume", help="finish a grid after the driver died or trials errored")
     p.add_argument("grid", help="grid name in the store")

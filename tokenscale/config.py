@@ -110,7 +110,10 @@ class VisionSpec(Model):
     stem_channels: StrictInt = Field(0, ge=0, description="> 0: a 3x3 conv stem of this width before the patchify conv")
     stem_layers: StrictInt = Field(1, description="3x3 convs in that stem")
     mlp_ratio: StrictInt = Field(2, ge=1)
-    token_norm: Literal["batch", "none"] = "batch"  # BatchNorm over the visual tokens' features, or none
+    # BatchNorm + a learned position over the visual tokens (what a tiny tower trained from
+    # scratch needs), or none (LLaVA's projector); auto = batch for the tiny tower, none for
+    # a checkpoint tower
+    token_norm: Literal["auto", "batch", "none"] = "auto"
     # Tiny tower pretraining on dense scene labels (once per spec, cached; 0 = random init)
     pretrain_steps: StrictInt = Field(0, ge=0)
     pretrain_batch: StrictInt = Field(64, ge=1)
@@ -135,6 +138,11 @@ class VisionSpec(Model):
         return self
 
     @property
+    def visual_norm(self) -> str:
+        """The resolved token_norm: batch | none."""
+        return self.token_norm if self.token_norm != "auto" else ("none" if self.path else "batch")
+
+    @property
     def frozen(self) -> bool:
         return self.freeze if self.freeze is not None else bool(self.path or self.pretrain_steps > 0)
 
@@ -143,9 +151,23 @@ class VisionSpec(Model):
         return (self.image_size // self.patch_size) ** 2
 
 
+ZeroStage = Literal[0, 1, 2, 3]
+
+
 class TrainSpec(Model):
-    zero_stage: Literal[0, 1, 2, 3] = 1
-    micro_batch: StrictInt = Field(32, ge=1)
+    """Both LLaVA stages. Stage 1 trains the compressor (LM frozen), stage 2 compressor + LM.
+
+    A global batch is the examples of one optimizer step over all workers: each worker runs
+    global ÷ (micro_batch × workers) micro-batches per step (gradient accumulation), so a
+    trial's result does not depend on how many workers it had."""
+
+    zero_stage: ZeroStage | None = Field(None, description="sets stage1_zero_stage and stage2_zero_stage")
+    stage1_zero_stage: ZeroStage = 1
+    stage2_zero_stage: ZeroStage = 1
+    micro_batch: StrictInt = Field(32, ge=1, description="examples per forward/backward on one worker")
+    global_batch: StrictInt | None = Field(None, ge=1, description="sets stage1_global_batch and stage2_global_batch")
+    stage1_global_batch: StrictInt = Field(0, ge=0, description="examples per optimizer step, all workers; 0: micro_batch")
+    stage2_global_batch: StrictInt = Field(0, ge=0, description="examples per optimizer step, all workers; 0: micro_batch")
     stage1_steps: StrictInt = Field(30, ge=0)
     stage2_steps: StrictInt = Field(150, ge=1)
     stage1_lr: Number = Field(2e-3, gt=0, lt=1)
@@ -153,6 +175,47 @@ class TrainSpec(Model):
     weight_decay: Number = Field(0.0, ge=0)
     warmup_fraction: Number = Field(0.1, ge=0, le=1, description="of each stage's steps; then cosine decay to 0")
     bf16: Literal["auto", "on", "off"] = "auto"  # auto = on where the device supports it
+    checkpoint_every: StrictInt = Field(
+        0, ge=0, description="optimizer steps between checkpoints in both stages (0: only at the end of stage 1)",
+    )
+    gradient_checkpointing: StrictBool = Field(False, description="recompute the LM's activations in backward")
+    attention: Literal["sdpa", "eager"] = Field("sdpa", description="the LM's attention kernel")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _both_stages(cls, raw: Any) -> Any:
+        """`zero_stage` and `global_batch` set both stages; a stage's own field wins."""
+        if not isinstance(raw, dict):
+            return raw
+        raw = dict(raw)
+        for shared, valid in (("zero_stage", lambda v: v in (0, 1, 2, 3)), ("global_batch", lambda v: v >= 1)):
+            value = raw.get(shared)
+            # an invalid value stays where it was written, so the error names that field
+            if type(value) is int and valid(value):
+                del raw[shared]
+                for stage in ("stage1_", "stage2_"):
+                    raw.setdefault(stage + shared, value)
+        return raw
+
+    def global_batch_of(self, stage: int) -> int:
+        return (self.stage1_global_batch if stage == 1 else self.stage2_global_batch) or self.micro_batch
+
+    def zero_stage_of(self, stage: int) -> int:
+        return self.stage1_zero_stage if stage == 1 else self.stage2_zero_stage
+
+    def accumulation(self, stage: int, workers: int) -> int:
+        """Micro-batches per worker per optimizer step; ValueError naming the fields when the
+        global batch does not split evenly over the workers."""
+        global_batch, per_pass = self.global_batch_of(stage), self.micro_batch * workers
+        if global_batch % per_pass:
+            lower, upper = (global_batch // per_pass) * per_pass, (global_batch // per_pass + 1) * per_pass
+            nearest = " or ".join(str(v) for v in (lower, upper) if v > 0)
+            raise ValueError(
+                f"stage{stage}_global_batch: {global_batch} examples per step do not split into micro_batch "
+                f"({self.micro_batch}) x {workers} worker(s); use a multiple of {per_pass} (nearest: {nearest}), "
+                "or change micro_batch"
+            )
+        return global_batch // per_pass
 
 
 class LlavaEvalSpec(Model):
@@ -234,6 +297,9 @@ class TrialConfig(Model):
             del raw["data"]["llava"]
         if raw["llm"]["params"] is None:
             del raw["llm"]["params"]
+        # how a trial is run, not what it computes
+        for key in ("checkpoint_every", "gradient_checkpointing", "zero_stage", "global_batch"):
+            raw["train"].pop(key, None)
         canonical = json.dumps(raw, sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
@@ -371,6 +437,20 @@ class Grid(Model):
             _check_vision_checkpoint(self.vision)
         _check_llava(self)
         _check_nodes(self.resources)
+        for i, llm in enumerate(self.llms):
+            workers = self.resources.for_llm(llm)["workers"]
+            for stage in (1, 2):
+                try:
+                    self.train.accumulation(stage, workers)
+                except ValueError as err:
+                    raise _at(f"train.{err}".split(": ", 1)[0], f"{str(err).split(': ', 1)[1]} (llms[{i}] {llm.name!r} "
+                              f"runs on {workers} worker(s))") from None
+            if workers > 1 and self.vision.visual_norm == "batch":
+                raise _at(
+                    "vision.token_norm",
+                    f"batch keeps per-worker BatchNorm statistics, but llms[{i}] {llm.name!r} trains on {workers} "
+                    "workers; set vision.token_norm: none (LLaVA's projector) or run it on one worker",
+                )
         return self
 
     @property
@@ -455,15 +535,16 @@ def _tokens_per_example(trial: TrialConfig) -> float:
     return float(trial.visual_tokens + text)
 
 
-def trial_training_flops(trial: TrialConfig, workers: int = 1) -> float | None:
+def trial_training_flops(trial: TrialConfig) -> float | None:
     """≈ 6·N·tokens over both stages (stage 1 trains only the compressor, but its forward
-    and backward run through the whole LM)."""
+    and backward run through the whole LM); the same on any number of workers."""
     from tokenscale.workers.benchmarks import VOCAB
 
     params = planned_llm_params(trial.llm, None if trial.llm.path else len(VOCAB))
     if params is None:
         return None
-    examples = (trial.train.stage1_steps + trial.train.stage2_steps) * trial.train.micro_batch * workers
+    train = trial.train
+    examples = train.stage1_steps * train.global_batch_of(1) + train.stage2_steps * train.global_batch_of(2)
     return training_flops(params, examples * _tokens_per_example(trial))
 
 
