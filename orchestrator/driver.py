@@ -31,6 +31,8 @@ from tokenscale.store import Store
 
 from .status import GRID_FILE, TUNE_NAME, load_saved_grid, ray_storage
 
+KEEP_CHECKPOINTS = 2  # a trial's last two checkpoints: the newest may be cut short by a kill
+
 
 def _tune_trial_name(trial: Any) -> str:
     """Tune's name (and directory) of a trial: the grid point's TrialConfig.trial_id,
@@ -107,8 +109,8 @@ def ray_train_worker(config: dict[str, Any]) -> None:
 def train_in_trial(config: dict[str, Any]) -> None:
     """`execution: in_trial`: the same training, as a world of one, in the Tune trial's own
     process, which Tune reuses for the next trial (reuse_actors): no worker group to start,
-    no imports to repeat. Tune persists the stage-1 checkpoint with the trial and hands it
-    back to a retried trial; Tune's FailureConfig bounds the retries."""
+    no imports to repeat. Tune persists the trial's checkpoints with the trial and hands the
+    last back to a retried trial; Tune's FailureConfig bounds the retries."""
     _train(config, _tune_report, tune.get_checkpoint, 0, 1)
 
 
@@ -147,7 +149,12 @@ def run_trial(config: dict[str, Any]) -> None:
                 name=trial.trial_id,
                 storage_path=storage_path,
                 storage_filesystem=storage_fs,
-                failure_config=train.FailureConfig(max_failures=config["max_failures"]),
+                # Retries belong to Tune alone: a worker group that fails ends this Tune trial,
+                # whose retry builds this trainer again under the same name, and Train restores
+                # the run from its last checkpoint. Retrying here too would multiply the
+                # attempts: (1 + k)^2 starts of a multi-GPU job on a deterministic error.
+                failure_config=train.FailureConfig(max_failures=0),
+                checkpoint_config=train.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
                 callbacks=[TuneReportCallback()],  # Train's reports become this Tune trial's metrics
             ),
         )
@@ -231,7 +238,8 @@ def _tuner_args(grid: Grid, store: Store, ray_root: str, verbose: int) -> tuple[
         name=TUNE_NAME,
         storage_path=ray_storage(ray_root)[0],
         storage_filesystem=ray_storage(ray_root)[1],
-        failure_config=tune.FailureConfig(max_failures=grid.max_failures),
+        failure_config=tune.FailureConfig(max_failures=grid.max_failures),  # attempts = max_failures + 1
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
         verbose=verbose,
         progress_reporter=progress_reporter(),
     )

@@ -27,9 +27,11 @@ NO_RAY = (
 )
 
 
-def _trial(**llm) -> TrialConfig:
+def _trial(train: dict | None = None, vision: dict | None = None, **llm) -> TrialConfig:
     raw = tiny_grid("cli", llms=1, visual_tokens=(4,), compressors=["quecc"])
     raw["llms"][0].update(llm)
+    raw["train"].update(train or {})
+    raw["vision"].update(vision or {})
     return parse_grid(raw).trials()[0]
 
 
@@ -99,7 +101,8 @@ def test_one_trial_without_ray(tmp_path):
 
 
 def test_torchrun_world_of_two(tmp_path):
-    trial = _trial(params=5e5)  # a declared N is the rows' llm_params
+    # global batch 16 = micro-batch 8 x 2 workers; LLaVA's projector (no per-worker BatchNorm)
+    trial = _trial(train={"global_batch": 16}, vision={"token_norm": "none"}, params=5e5)  # a declared N is the rows' llm_params
     config = tmp_path / "trial.yaml"
     config.write_text(yaml.safe_dump(trial.to_dict()))
     store = tmp_path / "store"
@@ -117,6 +120,18 @@ def test_torchrun_world_of_two(tmp_path):
         Store.open(str(store)).result_key("cli", "quecc", trial.config_hash)
     ]
     assert Store.open(str(store)).read_results("cli").num_rows == 2  # written once
+
+
+def test_torchrun_rejects_a_global_batch_that_does_not_split(tmp_path):
+    config = tmp_path / "trial.yaml"
+    config.write_text(yaml.safe_dump(_trial(vision={"token_norm": "none"}).to_dict()))  # global batch = micro-batch 8
+    run = subprocess.run(
+        [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "tokenscale.workers", str(config)],
+        capture_output=True, text=True, timeout=180, env=_env(), cwd=tmp_path,
+    )
+    assert run.returncode != 0
+    assert "stage1_global_batch: 8 examples per step do not split into micro_batch (8) x 2 worker(s)" in run.stderr
+    assert "stage1_loss" not in run.stderr, "rejected before any training"
 
 
 def test_trial_from_a_grid_yaml(tmp_path):

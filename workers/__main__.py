@@ -51,7 +51,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch threads per process (default: torch's)")
     p.add_argument(
         "--checkpoint-dir",
-        help="keep stage 1's checkpoint here, and skip stage 1 when this folder already holds one (default: none kept)",
+        help="keep the trial's checkpoints here (stage 1's end, every train.checkpoint_every steps), and resume from "
+        "the last one when this folder already holds one (default: none kept)",
     )
     return p
 
@@ -100,7 +101,7 @@ def _train(trial: TrialConfig, args: argparse.Namespace, rank: int, world_size: 
     import torch
     import torch.distributed as dist
 
-    from .train import STAGE1_FILE, train_loop_per_worker
+    from .train import STATE_FILE, train_loop_per_worker
 
     backend = args.backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if backend == "nccl":
@@ -113,7 +114,7 @@ def _train(trial: TrialConfig, args: argparse.Namespace, rank: int, world_size: 
 
     def latest_checkpoint() -> str | None:
         folder = args.checkpoint_dir
-        return folder if folder and os.path.exists(os.path.join(folder, STAGE1_FILE)) else None
+        return folder if folder and os.path.exists(os.path.join(folder, STATE_FILE)) else None
 
     print(f"{tag} trial {trial.trial_id} ({backend})", file=sys.stderr, flush=True)
     try:

@@ -174,13 +174,16 @@ def _locked_cache(path: str, build, load, save):
 
 
 @torch.no_grad()
-def encode_images(tower: nn.Module, images: np.ndarray, batch: int = 500) -> np.ndarray:
-    """Patch features [n, P, D] float32 of a frozen tower (on whatever device it lives)."""
+def encode_images(tower: nn.Module, images: np.ndarray, batch: int = 64) -> np.ndarray:
+    """Patch features [n, P, D] float32 of a frozen tower (on whatever device it lives, in
+    its dtype), in chunks of `batch` images: a CLIP-L/14-336 keeps every layer's hidden
+    states for the penultimate one, ~60 MB an image in fp32."""
     was_training = tower.training
     tower.eval()
-    device = next(tower.parameters()).device
+    parameter = next(tower.parameters())
+    device, dtype = parameter.device, parameter.dtype
     out = [
-        tower(torch.from_numpy(images[i : i + batch]).to(device))[1].float().cpu().numpy()
+        tower(torch.from_numpy(images[i : i + batch]).to(device, dtype))[1].float().cpu().numpy()
         for i in range(0, len(images), batch)
     ]
     tower.train(was_training)
@@ -207,13 +210,13 @@ def split_features(tower: nn.Module, spec: VisionSpec, data_seed: int, split: be
 class CLIPTower(nn.Module):
     """A CLIP vision checkpoint; LLaVA takes the penultimate layer's patch tokens."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, dtype: torch.dtype | None = None):
         super().__init__()
         from transformers import CLIPVisionModel
 
         from .llava_data import local_dir  # s3:// checkpoints: fetched once into the local cache
 
-        self.model = CLIPVisionModel.from_pretrained(local_dir(path))
+        self.model = CLIPVisionModel.from_pretrained(local_dir(path), dtype=dtype)
         self.hidden_size = self.model.config.hidden_size
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,11 +224,13 @@ class CLIPTower(nn.Module):
         return hidden[:, 0], hidden[:, 1:]
 
 
-def build_llm(spec: LLMSpec, vocab_size: int) -> Qwen2ForCausalLM:
+def build_llm(spec: LLMSpec, vocab_size: int, dtype: torch.dtype | None = None, attention: str = "sdpa") -> Qwen2ForCausalLM:
+    """The LM, in `dtype` as it loads (a 7B checkpoint never sits in fp32 when training in
+    bf16), with the attention kernel `attention` (sdpa | eager)."""
     if spec.path:
         from .llava_data import local_dir  # s3:// checkpoints: fetched once into the local cache
 
-        return Qwen2ForCausalLM.from_pretrained(local_dir(spec.path))
+        return Qwen2ForCausalLM.from_pretrained(local_dir(spec.path), dtype=dtype, attn_implementation=attention)
     config = Qwen2Config(
         vocab_size=vocab_size,
         hidden_size=spec.hidden_size,
@@ -235,8 +240,10 @@ def build_llm(spec: LLMSpec, vocab_size: int) -> Qwen2ForCausalLM:
         num_key_value_heads=spec.kv_heads,
         max_position_embeddings=1024,
         tie_word_embeddings=spec.tie_embeddings,
+        attn_implementation=attention,
     )
-    return Qwen2ForCausalLM(config)
+    llm = Qwen2ForCausalLM(config)
+    return llm if dtype is None else llm.to(dtype)
 
 
 def non_embedding_params(llm: nn.Module) -> int:
@@ -247,17 +254,17 @@ def non_embedding_params(llm: nn.Module) -> int:
 
 
 class VLM(nn.Module):
-    def __init__(self, trial: TrialConfig):
+    def __init__(self, trial: TrialConfig, dtype: torch.dtype | None = None):
         super().__init__()
         if trial.vision.path:
-            self.vision: nn.Module = CLIPTower(trial.vision.path)
+            self.vision: nn.Module = CLIPTower(trial.vision.path, dtype)
         else:
             self.vision = TinyViT(trial.vision)
             if trial.vision.pretrain_steps > 0:
                 self.vision.load_state_dict(pretrained_tower(trial.vision, trial.data.data_seed))
         if trial.vision.frozen:
             self.vision.requires_grad_(False)
-        self.llm = build_llm(trial.llm, len(VOCAB))
+        self.llm = build_llm(trial.llm, len(VOCAB), dtype, trial.train.attention)
         llm_dim = self.llm.config.hidden_size
         grid_tokens = trial.vision.grid_tokens
         self.compressor = compressors.build(
@@ -275,13 +282,12 @@ class VLM(nn.Module):
         # variation between images to O(1) from step one (eval uses the running statistics).
         # A learned position per visual token (after the norm): raster order under the LM's 1-D
         # RoPE hides which column a token is in; "left of" and "the k-th character" need it.
-        self.visual_position = nn.Parameter(torch.zeros(1, trial.visual_tokens, llm_dim))
-        if trial.vision.token_norm == "batch":
+        if trial.vision.visual_norm == "batch":
             self.visual_norm: nn.Module = nn.BatchNorm1d(llm_dim)
-        elif trial.vision.token_norm == "none":
+            self.visual_position: nn.Parameter | None = nn.Parameter(torch.zeros(1, trial.visual_tokens, llm_dim))
+        else:  # LLaVA's projector as it is: its output goes straight to the LM
             self.visual_norm = nn.Identity()
-        else:
-            raise ValueError(f"vision.token_norm must be 'batch' or 'none', got {trial.vision.token_norm!r}")
+            self.visual_position = None
 
     @property
     def llm_params(self) -> int:
@@ -301,7 +307,9 @@ class VLM(nn.Module):
         patches = images if images.dim() == 3 else self.vision(images)[1]
         query = self.query_embedding(question_embeds) if self.compressor.uses_query else None
         visual = self.compressor(patches, query)
-        visual = self.visual_norm(visual.transpose(1, 2)).transpose(1, 2) + self.visual_position
+        visual = self.visual_norm(visual.transpose(1, 2)).transpose(1, 2)
+        if self.visual_position is not None:
+            visual = visual + self.visual_position
         visual = visual.to(question_embeds.dtype)
         inputs = torch.cat([visual, question_embeds, embed(answers)], dim=1)
         hidden = self.llm.model(inputs_embeds=inputs).last_hidden_state

@@ -11,6 +11,8 @@ typed result row per benchmark.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import math
 import os
 import tempfile
@@ -89,17 +91,43 @@ def _check_token_ids(model: VLM, splits: list[Split]) -> None:
             )
 
 
-def deepspeed_config(trial: TrialConfig, lr: float, use_bf16: bool) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One LLaVA stage as this worker runs it."""
+
+    number: int  # 1: compressor only (LM frozen); 2: compressor + LM
+    steps: int  # optimizer steps
+    lr: float
+    zero_stage: int
+    global_batch: int  # examples per optimizer step over all workers
+    accumulation: int  # micro-batches per worker per optimizer step
+
+
+def stage_plan(trial: TrialConfig, number: int, world_size: int) -> Stage:
+    train = trial.train
+    return Stage(
+        number=number,
+        steps=train.stage1_steps if number == 1 else train.stage2_steps,
+        lr=train.stage1_lr if number == 1 else train.stage2_lr,
+        zero_stage=train.zero_stage_of(number),
+        global_batch=train.global_batch_of(number),
+        accumulation=train.accumulation(number, world_size),
+    )
+
+
+def deepspeed_config(trial: TrialConfig, stage: Stage, use_bf16: bool) -> dict[str, Any]:
     return {
+        # DeepSpeed checks global = micro x accumulation x world size
+        "train_batch_size": stage.global_batch,
         "train_micro_batch_size_per_gpu": trial.train.micro_batch,
-        "gradient_accumulation_steps": 1,
+        "gradient_accumulation_steps": stage.accumulation,
         "gradient_clipping": 1.0,
         "optimizer": {
             "type": "AdamW",
             # torch_adam: use torch's AdamW instead of DeepSpeed's fused op (no op builds on CPU)
-            "params": {"lr": lr, "weight_decay": trial.train.weight_decay, "torch_adam": True},
+            "params": {"lr": stage.lr, "weight_decay": trial.train.weight_decay, "torch_adam": True},
         },
-        "zero_optimization": {"stage": trial.train.zero_stage},
+        "zero_optimization": {"stage": stage.zero_stage},
         "bf16": {"enabled": use_bf16},
         "steps_per_print": 10**9,  # quiet: progress goes through the launcher's report
     }
@@ -132,17 +160,17 @@ def warmup_cosine(steps: int, warmup_fraction: float):
     return factor
 
 
-def stage_engine(model: VLM, trial: TrialConfig, steps: int, lr: float, use_bf16: bool):
+def stage_engine(model: VLM, trial: TrialConfig, stage: Stage, use_bf16: bool):
     """One stage's DeepSpeed engine over the parameters that require grad (AdamW, the
-    warmup-cosine schedule over `steps`)."""
+    warmup-cosine schedule over the stage's optimizer steps)."""
     import deepspeed
 
     params = [p for p in model.parameters() if p.requires_grad]
-    schedule = warmup_cosine(steps, trial.train.warmup_fraction)
+    schedule = warmup_cosine(stage.steps, trial.train.warmup_fraction)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=params,
-        config=deepspeed_config(trial, lr, use_bf16),
+        config=deepspeed_config(trial, stage, use_bf16),
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
     )
     return engine
@@ -158,31 +186,114 @@ def pool_splits(splits: list[Split]) -> Split:
     )
 
 
-def stage_step(engine, pool: Split, index: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """One training step of the examples `index` of `pool`; returns the loss."""
-    loss, _ = engine(*_batch(pool, index, device, dtype))
-    engine.backward(loss)
-    engine.step()
-    return loss
+@functools.lru_cache(maxsize=4)
+def _epoch_order(seed: int, stage: int, epoch: int, n: int) -> np.ndarray:
+    return np.random.default_rng([seed, stage, epoch]).permutation(n)
 
 
-def run_stage(model: VLM, trial: TrialConfig, splits: list[Split], steps: int, lr: float, rng: np.random.Generator, device: torch.device, use_bf16: bool) -> float:
-    """Train the parameters that require grad for `steps` steps; returns the last mean loss.
+def global_batch_indices(seed: int, stage: int, step: int, n: int, global_batch: int) -> np.ndarray:
+    """The examples of optimizer step `step`: the next `global_batch` positions of one seeded
+    permutation of the `n` examples per epoch (each example once per epoch). A pure
+    function of (seed, stage, step), so a resumed run continues the same stream and any
+    number of workers sees the same examples at the same step."""
+    out, position = [], step * global_batch
+    while sum(len(o) for o in out) < global_batch:
+        epoch, offset = divmod(position, n)
+        take = _epoch_order(seed, stage, epoch, n)[offset : offset + global_batch - sum(len(o) for o in out)]
+        out.append(take)
+        position += len(take)
+    return np.concatenate(out)
 
-    Every batch mixes benchmarks: micro_batch examples drawn uniformly from all of them."""
-    if steps <= 0:
-        return float("nan")
-    engine = stage_engine(model, trial, steps, lr, use_bf16)
-    dtype = torch.bfloat16 if use_bf16 else torch.float32
-    pool = pool_splits(splits)
+
+def worker_micro_batches(indices: np.ndarray, rank: int, world_size: int, micro_batch: int, accumulation: int) -> list[np.ndarray]:
+    """This worker's disjoint share of a global batch, as `accumulation` micro-batches."""
+    share = micro_batch * accumulation
+    mine = indices[rank * share : (rank + 1) * share]
+    return [mine[i * micro_batch : (i + 1) * micro_batch] for i in range(accumulation)]
+
+
+def _mean_over_workers(value: float, world_size: int, device: torch.device) -> float:
+    if world_size == 1:
+        return value
+    import torch.distributed as dist
+
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return float(tensor.item()) / world_size
+
+
+STATE_FILE = "state.json"  # beside DeepSpeed's files: where a checkpoint is in the trial
+
+
+@dataclasses.dataclass
+class Progress:
+    """Where a trial stands: what a checkpoint records besides DeepSpeed's own state."""
+
+    stage: int = 1
+    step: int = 0  # optimizer steps done in `stage`
+    stage1_loss: float = float("nan")
+    tag: str = ""  # DeepSpeed's checkpoint tag
+
+    @classmethod
+    def read(cls, checkpoint_dir: str | None) -> Progress | None:
+        if not checkpoint_dir or not os.path.exists(os.path.join(checkpoint_dir, STATE_FILE)):
+            return None
+        with open(os.path.join(checkpoint_dir, STATE_FILE)) as f:
+            return cls(**json.load(f))
+
+
+Checkpoint = Callable[[Any, Progress], None]
+"""`checkpoint(engine, progress)`: save the engine's trainable state where the launcher
+persists it (every rank takes part)."""
+
+
+def run_stage(
+    engine: Any,
+    trial: TrialConfig,
+    stage: Stage,
+    pool: Split,
+    *,
+    rank: int,
+    world_size: int,
+    start_step: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    checkpoint: Callable[[int, float], None] | None,
+) -> list[float]:
+    """Optimizer steps `start_step`..`stage.steps` of one stage; returns each step's loss,
+    the mean over all workers. Each step's global batch mixes benchmarks; this worker
+    runs its share as `stage.accumulation` micro-batches (DeepSpeed steps the optimizer at
+    the last). `checkpoint(step, loss)` runs after every `train.checkpoint_every` steps."""
+    every = trial.train.checkpoint_every
     losses: list[float] = []
-    for _ in range(steps):
-        index = rng.integers(0, len(pool), trial.train.micro_batch)
-        losses.append(stage_step(engine, pool, index, device, dtype).item())
-    # release the engine's hooks and optimizer state now: the next stage builds its own, and
-    # an in-trial process runs many trials one after another
-    engine.destroy()
-    return float(np.mean(losses[-10:]))
+    for step in range(start_step, stage.steps):
+        indices = global_batch_indices(trial.seed, stage.number, step, len(pool), stage.global_batch)
+        micro_losses = []
+        for index in worker_micro_batches(indices, rank, world_size, trial.train.micro_batch, stage.accumulation):
+            loss, _ = engine(*_batch(pool, index, device, dtype))
+            engine.backward(loss)
+            engine.step()
+            micro_losses.append(loss.item())
+        losses.append(_mean_over_workers(float(np.mean(micro_losses)), world_size, device))
+        if checkpoint is not None and every and (step + 1) % every == 0 and step + 1 < stage.steps:
+            checkpoint(step + 1, float(np.mean(losses[-10:])))
+    return losses
+
+
+def _tail_mean(losses: list[float]) -> float:
+    return float(np.mean(losses[-10:])) if losses else float("nan")
+
+
+def _trainable_state(engine: Any, zero_stage: int) -> dict[str, torch.Tensor]:
+    """Full copies of the parameters that require grad (gathered from every rank's shard
+    under ZeRO-3), for the next stage's model."""
+    named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
+    if zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
+            return {n: p.detach().float().cpu().clone() for n, p in named}
+    return {n: p.detach().float().cpu().clone() for n, p in named}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,21 +310,35 @@ class BenchmarkScore:
 
 
 @torch.no_grad()
-def evaluate(model: VLM, splits: list[Split], device: torch.device, dtype: torch.dtype) -> list[BenchmarkScore]:
+def evaluate(
+    module: torch.nn.Module, splits: list[Split], device: torch.device, dtype: torch.dtype,
+    rank: int = 0, world_size: int = 1, batch: int = 256,
+) -> list[BenchmarkScore]:
     """Exact match of the whole answer (teacher-forced argmax at every answer position up
     to and including the first <eos> is exactly greedy decoding's success condition; the
-    <eos> padding after it does not count), one score per benchmark."""
-    model.eval()
+    <eos> padding after it does not count), one score per benchmark.
+
+    Every worker scores a disjoint stride of each eval set and the counts are summed over
+    the workers: under ZeRO-3 the forward passes gather the partitioned weights together,
+    so every rank runs the same number of batches (a short stride repeats an example that
+    is not counted)."""
+    module.eval()
     scores = []
     for split in splits:
+        per_rank = -(-len(split) // world_size)
+        index = np.arange(rank, per_rank * world_size, world_size)
+        counted = index < len(split)
+        index = np.where(counted, index, 0)
         correct = 0
-        for start in range(0, len(split), 256):
-            index = np.arange(start, min(start + 256, len(split)))
-            images, questions, answers = _batch(split, index, device, dtype)
-            _, logits = model(images, questions, answers)
+        for start in range(0, per_rank, batch):
+            chunk, keep = index[start : start + batch], counted[start : start + batch]
+            images, questions, answers = _batch(split, chunk, device, dtype)
+            _, logits = module(images, questions, answers)
             is_eos = answers == split.eos_id
             after_eos = (is_eos.cumsum(1) - is_eos.long()) > 0
-            correct += int(((logits.argmax(-1) == answers) | after_eos).all(dim=1).sum())
+            hits = ((logits.argmax(-1) == answers) | after_eos).all(dim=1).cpu().numpy()
+            correct += int((hits & keep).sum())
+        correct = round(_mean_over_workers(float(correct), world_size, device) * world_size)
         # real question length: the left padding is a batching device, not part of the query
         text_tokens = float((split.questions != split.pad_id).sum(axis=1).mean())
         # real answer length: up to and including the first <eos> (a cut answer has none)
@@ -223,24 +348,37 @@ def evaluate(model: VLM, splits: list[Split], device: torch.device, dtype: torch
             split.benchmark.name, split.benchmark.task_family, correct / len(split),
             split.benchmark.chance, len(split), text_tokens, generated,
         ))
-    model.train()
+    module.train()
     return scores
 
 
-def llm_param_counts(trial: TrialConfig, model: VLM) -> tuple[int, int]:
-    """(N, non-embedding count) of the trial's LM. N, the paper's model size, is the count
-    the config declares (`llm.params`, e.g. 0.5e9 for Qwen1.5-0.5B) when it declares one,
-    else the LM's counted parameters, embeddings included; the non-embedding count (token
-    embedding and LM head left out) is always counted."""
-    declared = trial.llm.params
-    counted = sum(p.numel() for p in model.llm.parameters())  # a tied head counts once
-    n = int(round(declared)) if declared is not None else counted
-    return n, model.llm_params
+@dataclasses.dataclass(frozen=True)
+class ModelSizes:
+    """What the result rows say about the model, counted once before DeepSpeed partitions it."""
+
+    llm_params: int  # N, the paper's model size
+    llm_params_non_embedding: int
+    compressor_params: int
+    compressor_flops: float
+
+    @classmethod
+    def of(cls, trial: TrialConfig, model: VLM) -> ModelSizes:
+        """N is the count the config declares (`llm.params`, e.g. 0.5e9 for Qwen1.5-0.5B) when
+        it declares one, else the LM's counted parameters, embeddings included; the
+        non-embedding count (token embedding and LM head left out) is always counted."""
+        declared = trial.llm.params
+        counted = sum(p.numel() for p in model.llm.parameters())  # a tied head counts once
+        return cls(
+            int(round(declared)) if declared is not None else counted,
+            model.llm_params,
+            model.compressor.num_parameters(),
+            float(model.compressor.flops()),
+        )
 
 
 def result_rows(
     trial: TrialConfig,
-    model: VLM,
+    sizes: ModelSizes,
     scores: list[BenchmarkScore],
     *,
     config_hash: str,
@@ -249,7 +387,7 @@ def result_rows(
 ) -> list[dict[str, Any]]:
     """One typed result row per benchmark (tokenscale.store.result_row), priced with
     tokenscale.costs.inference_flops at the benchmark's mean query."""
-    llm_params, non_embedding = llm_param_counts(trial, model)
+    llm_params = sizes.llm_params
     finished_at = datetime.now(timezone.utc)
     return [
         result_row(
@@ -258,11 +396,11 @@ def result_rows(
             config_hash=config_hash,
             llm=trial.llm.name,
             llm_params=llm_params,
-            llm_params_non_embedding=non_embedding,
+            llm_params_non_embedding=sizes.llm_params_non_embedding,
             visual_tokens=trial.visual_tokens,
             compressor=trial.compressor,
-            compressor_params=model.compressor.num_parameters(),
-            compressor_flops=float(model.compressor.flops()),
+            compressor_params=sizes.compressor_params,
+            compressor_flops=sizes.compressor_flops,
             seed=trial.seed,
             benchmark=s.benchmark,
             task_family=s.task_family,
@@ -284,66 +422,114 @@ def result_rows(
     ]
 
 
-STAGE1_FILE = "stage1.pt"
+def _build_model(trial: TrialConfig, device: torch.device, dtype: torch.dtype) -> VLM:
+    """The VLM in the compute dtype (a bf16 checkpoint LM never sits in fp32 on the GPU),
+    with the LM's attention kernel and gradient checkpointing as the trial asks; seeded, so
+    every rank and every rebuild starts from the same weights."""
+    torch.manual_seed(trial.seed)
+    model = VLM(trial, dtype=dtype).to(device)
+    if trial.train.gradient_checkpointing:
+        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
 
 
 def train_and_evaluate(
     trial: TrialConfig,
     rank: int = 0,
+    world_size: int = 1,
     checkpoint_dir: str | None = None,
-    on_stage1_done: Callable[[VLM, float], None] | None = None,
+    checkpoint: Checkpoint | None = None,
     *,
     config_hash: str | None = None,
 ) -> dict[str, Any]:
     """Both stages then eval; returns metrics (with the result `rows` on rank 0).
 
-    A `checkpoint_dir` holding the end of stage 1 (a retried trial) skips stage 1;
-    `on_stage1_done(model, loss)` is called when stage 1 finishes, to checkpoint it. The
-    rows carry `config_hash` (default: the trial's own)."""
-    torch.manual_seed(trial.seed)
+    `checkpoint_dir` (a retried trial's last checkpoint) resumes where it was taken: in
+    stage 1 or 2, at its optimizer step, with its optimizer, schedule and RNG state; the
+    data stream is a function of the step. `checkpoint(engine, progress)` is called at the
+    end of stage 1 and every `train.checkpoint_every` steps of both stages."""
     device = _device()
     use_bf16 = trial.train.bf16 == "on" or (
         trial.train.bf16 == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
     )
     dtype = torch.bfloat16 if use_bf16 else torch.float32
-    rng = np.random.default_rng([trial.seed, rank])
     train_splits, eval_splits = load_splits(trial)
-    model = VLM(trial).to(device)
+    model = _build_model(trial, device, dtype)
+    sizes = ModelSizes.of(trial, model)  # before ZeRO-3 partitions the parameters
     _check_token_ids(model, train_splits + eval_splits)
     if trial.vision.frozen:
         train_splits, eval_splits = encode_splits(model, trial, train_splits, eval_splits)
+    pool = pool_splits(train_splits)
 
+    resumed = Progress.read(checkpoint_dir)
+    progress = resumed or Progress()
     started = time.perf_counter()
-    stage1_file = os.path.join(checkpoint_dir, STAGE1_FILE) if checkpoint_dir else None
-    resumed = bool(stage1_file and os.path.exists(stage1_file))
-    if resumed:
-        state = torch.load(stage1_file, map_location=device, weights_only=True)
-        model.load_state_dict(state["model"])
-        stage1_loss = float(state["stage1_loss"])
-    else:
-        model.llm.requires_grad_(False)
-        stage1_loss = run_stage(model, trial, train_splits, trial.train.stage1_steps, trial.train.stage1_lr, rng, device, use_bf16)
-        if on_stage1_done is not None:
-            on_stage1_done(model, stage1_loss)
-    model.llm.requires_grad_(True)
-    stage2_loss = run_stage(model, trial, train_splits, trial.train.stage2_steps, trial.train.stage2_lr, rng, device, use_bf16)
+    losses = {1: progress.stage1_loss, 2: float("nan")}
+    carried: dict[str, torch.Tensor] | None = None  # stage 1's result, for stage 2's model
+    engine = None
+    last_loss = float("nan")
+    for number in (1, 2):
+        if number < progress.stage:
+            continue
+        stage = stage_plan(trial, number, world_size)
+        if carried is not None and trial.train.zero_stage_of(1) == 3:
+            # ZeRO-3 partitioned stage 1's parameters in place: stage 2 starts from a clean model
+            model = _build_model(trial, device, dtype)
+        if carried is not None:
+            model.load_state_dict(carried, strict=False)
+        model.llm.requires_grad_(number == 2)
+        if stage.steps == 0:
+            continue
+        engine = stage_engine(model, trial, stage, use_bf16)
+        start_step = 0
+        if resumed is not None and resumed.stage == number:
+            _, client_state = engine.load_checkpoint(checkpoint_dir, tag=resumed.tag, load_module_strict=False)
+            if client_state and "torch_rng" in client_state:
+                torch.set_rng_state(client_state["torch_rng"])
+            start_step = resumed.step
+
+        def save(step: int, loss: float, engine=engine, number=number) -> None:
+            if checkpoint is not None:
+                checkpoint(engine, Progress(number, step, losses[1] if number == 2 else loss, f"stage{number}-step{step}"))
+
+        step_losses = run_stage(
+            engine, trial, stage, pool, rank=rank, world_size=world_size, start_step=start_step,
+            device=device, dtype=dtype, checkpoint=save,
+        )
+        losses[number] = _tail_mean(step_losses)
+        last_loss = step_losses[-1] if step_losses else float("nan")
+        if resumed is not None and resumed.stage == number and start_step == stage.steps:
+            losses[number] = resumed.stage1_loss if number == 1 else losses[number]
+        if number == 1:
+            if checkpoint is not None and not (resumed is not None and resumed.stage == 1 and start_step == stage.steps):
+                checkpoint(engine, Progress(1, stage.steps, losses[1], f"stage1-step{stage.steps}"))
+            carried = _trainable_state(engine, stage.zero_stage)
+            engine.destroy()
+            engine = None
+            progress = Progress(2, 0, losses[1])
     train_seconds = time.perf_counter() - started
 
     metrics: dict[str, Any] = {
-        "stage1_loss": stage1_loss,
-        "stage2_loss": stage2_loss,
+        "stage1_loss": losses[1],
+        "stage2_loss": losses[2],
+        "last_step_loss": last_loss,  # the final optimizer step's: equal for a resumed and an unbroken run
         "train_seconds": train_seconds,
-        "resumed_from_stage": 1 if resumed else 0,
+        "resumed_from_stage": resumed.stage if resumed else 0,
+        "resumed_from_step": resumed.step if resumed else 0,
     }
+    started = time.perf_counter()
+    module = engine.module if engine is not None else model.to(dtype)
+    scores = evaluate(module, eval_splits, device, dtype, rank, world_size)
+    eval_seconds = time.perf_counter() - started
     if rank == 0:
-        started = time.perf_counter()
-        scores = evaluate(model.to(dtype), eval_splits, device, dtype)
-        eval_seconds = time.perf_counter() - started
         metrics["rows"] = result_rows(
-            trial, model, scores, config_hash=config_hash or trial.config_hash,
+            trial, sizes, scores, config_hash=config_hash or trial.config_hash,
             train_seconds=train_seconds, eval_seconds=eval_seconds,
         )
         metrics["mean_score"] = float(np.mean([s.score for s in scores]))
+    if engine is not None:
+        # release hooks and optimizer state now: an in-trial process runs many trials
+        engine.destroy()
     return metrics
 
 
@@ -381,9 +567,23 @@ def init_process_group(backend: str, rank: int, world_size: int) -> None:
         )
 
 
+def check_world(trial: TrialConfig, world_size: int) -> None:
+    """What the grid's validation checks for each LLM's workers, for a launcher that chose
+    the world size itself (torchrun): ValueError naming the field, before any work."""
+    for stage in (1, 2):
+        trial.train.accumulation(stage, world_size)
+    if world_size > 1 and trial.vision.visual_norm == "batch":
+        raise ValueError(
+            f"vision.token_norm: batch keeps per-worker BatchNorm statistics, but this trial runs on {world_size} "
+            "workers; set vision.token_norm: none (LLaVA's projector) or run it on one worker"
+        )
+
+
 Report = Callable[..., None]
 """`report(metrics, checkpoint_dir=None)`: progress and the final metrics of one worker,
-with a local directory to checkpoint (stage 1's end) on rank 0."""
+with a local directory holding this rank's part of a checkpoint. Every rank reports the
+same number of times; the launcher merges the ranks' directories into one checkpoint
+(Ray Train does) and keeps the last two."""
 
 
 def train_loop_per_worker(
@@ -402,26 +602,33 @@ def train_loop_per_worker(
     group, the Tune trial's process, torchrun, or a plain process; the Ray adapters live in
     tokenscale.orchestrator.driver).
 
-    Every rank calls `report` the same number of times: once at stage 1's end (rank 0
-    passes the directory holding the stage-1 checkpoint, to be persisted before `report`
-    returns) and once with the final metrics. `latest_checkpoint()` gives such a directory
-    back to a retried trial (or None), which then skips stage 1. Rank 0 evaluates and, with
-    a `store`, writes the trial's rows there: one object, one PUT, keyed by `config_hash`
+    Checkpoints (stage 1's end, and every `train.checkpoint_every` optimizer steps) hold
+    only what changes: the trainable parameters, optimizer and scheduler state (DeepSpeed's,
+    each rank its shard), the RNG state, and `state.json` (stage, step, loss). Frozen
+    weights (the LM in stage 1, the vision tower) are rebuilt, not saved.
+    `latest_checkpoint()` hands the last one back to a retried trial, which resumes there.
+    Rank 0 writes the trial's rows to `store`: one object, one PUT, keyed by `config_hash`
     (default: the trial's own). Returns the rows on rank 0, None elsewhere."""
     from tokenscale.store import Store
 
+    check_world(trial, world_size)
     if threads:
         torch.set_num_threads(threads)
     init_process_group(backend, rank, world_size)
     config_hash = config_hash or trial.config_hash
 
-    def checkpoint_stage1(model: VLM, loss: float) -> None:
+    def checkpoint(engine: Any, progress: Progress) -> None:
         with tempfile.TemporaryDirectory() as tmp:
+            engine.save_checkpoint(
+                tmp, tag=progress.tag, client_state={"torch_rng": torch.get_rng_state()},
+                exclude_frozen_parameters=True,
+            )
             if rank == 0:
-                torch.save({"model": model.state_dict(), "stage1_loss": loss}, os.path.join(tmp, STAGE1_FILE))
-            report({"stage": 1, "stage1_loss": loss}, tmp if rank == 0 else None)
+                with open(os.path.join(tmp, STATE_FILE), "w") as f:
+                    json.dump(dataclasses.asdict(progress), f)
+            report({"stage": progress.stage, "step": progress.step, "checkpoint": progress.tag}, tmp)
 
-    metrics = train_and_evaluate(trial, rank, latest_checkpoint(), checkpoint_stage1, config_hash=config_hash)
+    metrics = train_and_evaluate(trial, rank, world_size, latest_checkpoint(), checkpoint, config_hash=config_hash)
     rows = metrics.pop("rows", None)
     if rank == 0 and store is not None:
         Store.open(store).write_results(trial.grid, trial.compressor, config_hash, rows)
