@@ -95,6 +95,9 @@ def test_config_hash_is_stable_and_sensitive():
         ({"resources": {"execution": "threads"}}, "resources.execution"),
         ({"vision": {"image_size": 16, "patch_size": 4, "stem_layers": 0}}, "vision.stem_layers"),
         ({"resources": {"workers": 2, "execution": "in_trial"}}, "resources.workers: in_trial runs one process"),
+        ({"llms": [{"name": "x", "path": "s3://bucket/Qwen1.5-0.5B"}]}, "llms[0].path: a checkpoint LLM needs data.llava"),
+        ({"vision": {"path": "s3://bucket/clip", "image_size": 16, "patch_size": 4}}, "vision.path: a checkpoint tower needs data.llava"),
+        ({"train": {"micro_batch": 8, "stage2_global_batch": 12}}, "train.stage2_global_batch: 12 examples per step do not split"),
     ],
 )
 def test_bad_grids_name_the_field(change, message):

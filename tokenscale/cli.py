@@ -6,11 +6,15 @@ import argparse
 import csv
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
 
-from .store import LAW_N_COLUMNS, Store
+from .store import LAW_N_COLUMNS, Store, StoreError
+
+EXIT_BAD_INPUT = 2  # the grid, a flag or a query is wrong: the message names it and the fix
+EXIT_STORE = 3  # the store could not be reached or refused (after bounded retries)
 
 # A packaged grid (tokenscale.configs, shipped in the wheel): resolved by configs.grid_path,
 # so `tokenscale demo` works from a non-editable install too.
@@ -426,7 +430,13 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (CLIError, ValueError) as err:
         print(f"tokenscale {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
+    except StoreError as err:  # not the user's input: the store did not answer
+        print(f"tokenscale {args.command}: store error: {err}", file=sys.stderr)
+        return EXIT_STORE
+    except BrokenPipeError:  # `tokenscale plan demo | head`: the reader left, nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -597,9 +597,23 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "to
 
 
 def _check_llava(grid: Grid) -> None:
-    """LLaVA-format data: a tokenizer for every LLM, files that exist."""
+    """LLaVA-format data: a tokenizer for every LLM, files that exist. Checkpoints need it:
+    the generated benchmarks speak the toy vocabulary and their pixels are not CLIP's."""
     llava = grid.data.llava
     if llava is None:
+        for i, llm in enumerate(grid.llms):
+            if llm.path:
+                raise _at(
+                    f"llms[{i}].path",
+                    "a checkpoint LLM needs data.llava: the generated benchmarks are tokenized with the toy "
+                    "vocabulary, not the checkpoint's tokenizer; give data.llava or a tiny LLM (no path)",
+                )
+        if grid.vision.path:
+            raise _at(
+                "vision.path",
+                "a checkpoint tower needs data.llava: the generated benchmarks' pixels are not normalised the way "
+                "the checkpoint's image processor expects; give data.llava or a tiny tower (no path)",
+            )
         return
     for i, llm in enumerate(grid.llms):
         if not llm.path:
