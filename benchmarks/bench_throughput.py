@@ -146,11 +146,11 @@ def cpu_trials(args: argparse.Namespace):
 
 def deepspeed_step(model, pool, trial, use_bf16: bool):
     """A stage-2 step as workers/train.py's run_stage runs it."""
-    from tokenscale.workers.train import stage_engine, stage_step
+    from tokenscale.workers.train import stage_engine, stage_plan, stage_step
 
     device = torch.device("cpu")
     dtype = torch.bfloat16 if use_bf16 else torch.float32
-    engine = stage_engine(model, trial, trial.train.stage2_steps, trial.train.stage2_lr, use_bf16)
+    engine = stage_engine(model, trial, stage_plan(trial, 2, world_size=1), use_bf16)
     rng = np.random.default_rng([trial.seed, 0])
 
     def step():
@@ -163,7 +163,7 @@ def deepspeed_step(model, pool, trial, use_bf16: bool):
 def plain_torch_step(model, pool, trial, use_bf16: bool):
     """The same step without the DeepSpeed engine: torch.optim.AdamW, gradient clipping at
     1.0 (DeepSpeed's gradient_clipping) and the same LR schedule (bf16: autocast)."""
-    from tokenscale.workers.train import warmup_cosine
+    from tokenscale.workers.train import _batch, warmup_cosine
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=trial.train.stage2_lr, weight_decay=trial.train.weight_decay)
@@ -173,10 +173,8 @@ def plain_torch_step(model, pool, trial, use_bf16: bool):
 
     def step():
         index = rng.integers(0, len(pool), trial.train.micro_batch)
-        images = torch.from_numpy(pool.images[index]).float()
-        questions, answers = torch.from_numpy(pool.questions[index]), torch.from_numpy(pool.answers[index])
         with torch.autocast("cpu", torch.bfloat16, enabled=use_bf16):
-            loss, _ = model(images, questions, answers)
+            loss, _ = model(*_batch(pool, index, torch.device("cpu"), torch.float32))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -209,7 +207,7 @@ def cpu_part(args: argparse.Namespace) -> list[dict]:
     use_bf16 = first.train.bf16 == "on"  # train_and_evaluate's rule on a CPU ("auto" = off)
     print(
         f"stage-2 training step on CPU: grid {args.grid}, compressor {first.compressor}, "
-        f"micro_batch {first.train.micro_batch}, ZeRO-{first.train.zero_stage}, {'bf16' if use_bf16 else 'fp32'}, "
+        f"micro_batch {first.train.micro_batch}, ZeRO-{first.train.stage2_zero_stage}, {'bf16' if use_bf16 else 'fp32'}, "
         f"threads {args.threads}, median of {steps} steps after {warmup} warm-up",
         flush=True,
     )

@@ -109,6 +109,16 @@ class Split:
     def __len__(self) -> int:
         return len(self.images)
 
+    def question_mask(self, index: np.ndarray | slice = slice(None)) -> np.ndarray:
+        """1 on the real question tokens, 0 on the left padding."""
+        questions = self.questions[index]
+        return (np.cumsum(questions != self.pad_id, axis=1) > 0).astype(np.int64)
+
+    def answer_mask(self, index: np.ndarray | slice = slice(None)) -> np.ndarray:
+        """1 on the answer tokens up to and including the first <eos>, 0 after it."""
+        is_eos = self.answers[index] == self.eos_id
+        return ((np.cumsum(is_eos, axis=1) - is_eos) == 0).astype(np.int64)
+
 
 # ---- rendering --------------------------------------------------------------------------
 

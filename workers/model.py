@@ -293,28 +293,54 @@ class VLM(nn.Module):
     def llm_params(self) -> int:
         return non_embedding_params(self.llm)
 
-    def query_embedding(self, question_embeds: torch.Tensor) -> torch.Tensor:
-        """The LM's last hidden state of the question (QueCC's query). One pass per example;
-        for a fixed question it is the same vector and can be cached."""
-        out = self.llm.model(inputs_embeds=question_embeds)
+    def query_embedding(self, question_embeds: torch.Tensor, question_mask: torch.Tensor) -> torch.Tensor:
+        """The LM's last hidden state of the question (QueCC's query), its left padding masked
+        out. One pass per example; for a fixed question it is the same vector and can be cached."""
+        out = self.llm.model(inputs_embeds=question_embeds, attention_mask=question_mask, position_ids=positions(question_mask))
         return out.last_hidden_state[:, -1]
 
-    def forward(self, images: torch.Tensor, questions: torch.Tensor, answers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (loss over answer tokens, logits at the answer positions [B, G, vocab])."""
+    def forward(
+        self,
+        images: torch.Tensor,
+        questions: torch.Tensor,
+        answers: torch.Tensor,
+        question_mask: torch.Tensor | None = None,
+        answer_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (loss over the answer tokens, logits at the answer positions [B, G, vocab]).
+
+        The sequence is [visual][question][answer]. `question_mask` marks the real question
+        tokens (0 on the left padding), `answer_mask` the answer tokens up to and including
+        the first <eos> (0 on the padding after it): both are masked out of attention, the
+        positions count real tokens only (as if the padding were not there), and the loss
+        covers exactly the masked-in answer tokens."""
+        if question_mask is None:
+            question_mask = torch.ones_like(questions)
+        if answer_mask is None:
+            answer_mask = torch.ones_like(answers)
         embed = self.llm.get_input_embeddings()
         question_embeds = embed(questions)
         # images [B, 3, S, S], or a frozen tower's precomputed patch features [B, P, D]
         patches = images if images.dim() == 3 else self.vision(images)[1]
-        query = self.query_embedding(question_embeds) if self.compressor.uses_query else None
+        query = self.query_embedding(question_embeds, question_mask) if self.compressor.uses_query else None
         visual = self.compressor(patches, query)
         visual = self.visual_norm(visual.transpose(1, 2)).transpose(1, 2)
         if self.visual_position is not None:
             visual = visual + self.visual_position
         visual = visual.to(question_embeds.dtype)
         inputs = torch.cat([visual, question_embeds, embed(answers)], dim=1)
-        hidden = self.llm.model(inputs_embeds=inputs).last_hidden_state
+        mask = torch.cat([torch.ones(visual.shape[:2], dtype=question_mask.dtype, device=visual.device), question_mask, answer_mask], dim=1)
+        hidden = self.llm.model(inputs_embeds=inputs, attention_mask=mask, position_ids=positions(mask)).last_hidden_state
         # position t predicts token t+1: the answer is predicted from the token before it
         start = visual.shape[1] + questions.shape[1] - 1
         logits = self.llm.lm_head(hidden[:, start : start + answers.shape[1]])
-        loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), answers.flatten())
+        per_token = nn.functional.cross_entropy(logits.float().flatten(0, 1), answers.flatten(), reduction="none")
+        weights = answer_mask.flatten().to(per_token.dtype)
+        loss = (per_token * weights).sum() / weights.sum().clamp(min=1)
         return loss, logits
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that count only the masked-in tokens: a left-padded sequence starts at 0
+    at its first real token, and padding in the middle does not shift what follows."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)

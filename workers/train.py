@@ -140,10 +140,13 @@ def _device() -> torch.device:
 
 
 def _batch(split: Split, index: np.ndarray, device: torch.device, dtype: torch.dtype):
+    """(images, questions, answers, question_mask, answer_mask): what VLM.forward takes."""
     return (
         torch.from_numpy(split.images[index]).to(device, dtype),
         torch.from_numpy(split.questions[index]).to(device),
         torch.from_numpy(split.answers[index]).to(device),
+        torch.from_numpy(split.question_mask(index)).to(device),
+        torch.from_numpy(split.answer_mask(index)).to(device),
     )
 
 
@@ -222,6 +225,15 @@ def _mean_over_workers(value: float, world_size: int, device: torch.device) -> f
     return float(tensor.item()) / world_size
 
 
+def stage_step(engine: Any, pool: Split, index: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Forward and backward of the examples `index` of `pool`; DeepSpeed steps the optimizer
+    at the last micro-batch of an accumulation. Returns the loss."""
+    loss, _ = engine(*_batch(pool, index, device, dtype))
+    engine.backward(loss)
+    engine.step()
+    return loss
+
+
 STATE_FILE = "state.json"  # beside DeepSpeed's files: where a checkpoint is in the trial
 
 
@@ -270,10 +282,7 @@ def run_stage(
         indices = global_batch_indices(trial.seed, stage.number, step, len(pool), stage.global_batch)
         micro_losses = []
         for index in worker_micro_batches(indices, rank, world_size, trial.train.micro_batch, stage.accumulation):
-            loss, _ = engine(*_batch(pool, index, device, dtype))
-            engine.backward(loss)
-            engine.step()
-            micro_losses.append(loss.item())
+            micro_losses.append(stage_step(engine, pool, index, device, dtype).item())
         losses.append(_mean_over_workers(float(np.mean(micro_losses)), world_size, device))
         if checkpoint is not None and every and (step + 1) % every == 0 and step + 1 < stage.steps:
             checkpoint(step + 1, float(np.mean(losses[-10:])))
@@ -332,11 +341,10 @@ def evaluate(
         correct = 0
         for start in range(0, per_rank, batch):
             chunk, keep = index[start : start + batch], counted[start : start + batch]
-            images, questions, answers = _batch(split, chunk, device, dtype)
-            _, logits = module(images, questions, answers)
-            is_eos = answers == split.eos_id
-            after_eos = (is_eos.cumsum(1) - is_eos.long()) > 0
-            hits = ((logits.argmax(-1) == answers) | after_eos).all(dim=1).cpu().numpy()
+            inputs = _batch(split, chunk, device, dtype)
+            _, logits = module(*inputs)
+            answers, answer_mask = inputs[2], inputs[4]
+            hits = ((logits.argmax(-1) == answers) | (answer_mask == 0)).all(dim=1).cpu().numpy()
             correct += int((hits & keep).sum())
         correct = round(_mean_over_workers(float(correct), world_size, device) * world_size)
         # real question length: the left padding is a batching device, not part of the query
