@@ -18,6 +18,7 @@ from tokenscale.workers.metrics import (
     normalize_vqa_answer,
     pope_answer,
     pope_f1,
+    pope_scores,
     vqa_accuracy,
 )
 
@@ -176,7 +177,8 @@ def test_pope_f1_by_hand():
     # TP = 3, FP = 1, TN = 4, FN = 2 (positive = "yes")
     predictions = ["Yes, it is.", "yes", "yes"] + ["yes"] + ["No."] * 4 + ["There is no cat."] * 2
     labels = ["yes"] * 3 + ["no"] + ["no"] * 4 + ["yes"] * 2
-    scores = pope_f1(predictions, labels)
+    scores = pope_scores(predictions, labels)
+    assert pope_f1(predictions, labels) == pytest.approx(2 / 3)
     assert scores["accuracy"] == pytest.approx(7 / 10)
     assert scores["precision"] == pytest.approx(3 / 4)
     assert scores["recall"] == pytest.approx(3 / 5)
@@ -186,7 +188,7 @@ def test_pope_f1_by_hand():
 
 
 def test_pope_f1_degenerate_and_invalid():
-    scores = pope_f1(["no", "no"], ["yes", "no"])
+    scores = pope_scores(["no", "no"], ["yes", "no"])
     assert scores == {"accuracy": 0.5, "precision": 0.0, "recall": 0.0, "f1": 0.0, "yes_ratio": 0.0}
     with pytest.raises(ValueError):
         pope_f1(["yes"], ["yes", "no"])
@@ -277,3 +279,52 @@ def test_import_is_light():
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+# ---------------------------------------------------------------------------------------------
+# What an eval set declares: metric names and set-level scores
+# ---------------------------------------------------------------------------------------------
+
+
+def test_multiple_choice_by_letter_or_text():
+    from tokenscale.workers.metrics import multiple_choice
+
+    options = ["a cat", "a dog", "a bird"]
+    assert multiple_choice("B", "B", options) == 1.0
+    assert multiple_choice("(B) a dog", "a dog", options) == 1.0  # answer given as the option's text
+    assert multiple_choice("The answer is C", "B", options) == 0.0
+    assert multiple_choice("a dog.", "B", options) == 1.0
+    with pytest.raises(ValueError):
+        multiple_choice("B", "a fish", options)
+
+
+def test_yes_no_and_pope_f1_as_the_set_score():
+    from tokenscale.workers.metrics import score_set, yes_no
+
+    assert yes_no("No, there is not.", "no") == 1.0 and yes_no("Yes. No.", "no") == 0.0
+    predictions = ["yes"] * 3 + ["yes"] + ["no"] * 4 + ["no"] * 2  # TP 3, FP 1, TN 4, FN 2
+    labels = [["yes"]] * 3 + [["no"]] + [["no"]] * 4 + [["yes"]] * 2
+    score, accuracy = score_set("yes_no", predictions, labels)
+    assert score == pytest.approx(2 / 3) and accuracy == pytest.approx(0.7)
+
+
+def test_relaxed_accuracy_chartqa():
+    from tokenscale.workers.metrics import relaxed_accuracy
+
+    assert relaxed_accuracy("104", ["100"]) == 1.0  # within 5%
+    assert relaxed_accuracy("106", ["100"]) == 0.0
+    assert relaxed_accuracy("12%", ["12"]) == 1.0
+    assert relaxed_accuracy("0", ["0"]) == 1.0 and relaxed_accuracy("0.01", ["0"]) == 0.0
+    assert relaxed_accuracy("Blue.", ["blue"]) == 1.0 and relaxed_accuracy("red", ["blue"]) == 0.0
+
+
+def test_score_set_means_and_names():
+    from tokenscale.workers.metrics import SET_METRICS, score_set
+
+    assert set(SET_METRICS) == {"vqa", "exact", "multiple_choice", "yes_no", "anls", "relaxed"}
+    score, accuracy = score_set("vqa", ["two", "cat"], [["2"] * 10, ["dog"] * 10])
+    assert score == accuracy == pytest.approx(0.5)
+    score, _ = score_set("multiple_choice", ["A", "C"], [["A"], ["B"]], options=[["x", "y"], ["x", "y", "z"]])
+    assert score == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="unknown metric"):
+        score_set("bleu", ["a"], [["a"]])

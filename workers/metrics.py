@@ -37,6 +37,12 @@ __all__ = [
     "normalize_vqa_answer",
     "pope_answer",
     "pope_f1",
+    "pope_scores",
+    "multiple_choice",
+    "yes_no",
+    "relaxed_accuracy",
+    "SET_METRICS",
+    "score_set",
     "vqa_accuracy",
 ]
 
@@ -232,7 +238,7 @@ def _yes_no_label(label: str) -> str:
     return value
 
 
-def pope_f1(predictions: Sequence[str], labels: Sequence[str]) -> dict[str, float]:
+def pope_scores(predictions: Sequence[str], labels: Sequence[str]) -> dict[str, float]:
     """POPE's scores with "yes" as the positive class, as eval_pope.py prints them.
 
     Predictions are read with `pope_answer` ("yes"/"no" stay as they are); labels are "yes" or
@@ -396,3 +402,103 @@ METRICS: dict[str, Callable[..., float]] = {
     "pope": _pope_metric,
     "multiple_choice": _multiple_choice_metric,
 }
+
+
+# ---------------------------------------------------------------------------------------------
+# What an eval set declares (`data.llava.eval[].metric`) and how its score is aggregated
+# ---------------------------------------------------------------------------------------------
+
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def multiple_choice(prediction: str, answer: str, options: Sequence[str]) -> float:
+    """1.0 when the reply names the right option, by its letter ("B", "(B)", "The answer is
+    B") or by its text; `options` in letter order (A, B, ...), `answer` a letter or the
+    option's text."""
+    by_letter = {LETTERS[i]: text for i, text in enumerate(options)}
+    want = answer.strip()
+    if want.upper() not in by_letter:
+        matches = [k for k, v in by_letter.items() if v.strip().lower() == want.lower()]
+        if len(matches) != 1:
+            raise ValueError(f"answer {answer!r} is neither an option letter nor one option's text")
+        want = matches[0]
+    return float(mmbench_option(prediction, by_letter) == want.upper())
+
+
+def yes_no(prediction: str, answer: str) -> float:
+    """POPE with LLaVA's rule: the reply's first sentence, "no"/"not" means no."""
+    return float(pope_answer(prediction) == _yes_no_label(answer))
+
+
+def pope_f1(predictions: Sequence[str], answers: Sequence[str]) -> float:
+    """The set's F1 with "yes" as the positive class: the score the paper averages for POPE."""
+    return pope_scores(predictions, answers)["f1"]
+
+
+def _number(text: str) -> float | None:
+    text = text.strip().rstrip("%").replace(",", "")
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def relaxed_accuracy(prediction: str, answers: Sequence[str], tolerance: float = 0.05) -> float:
+    """ChartQA's relaxed accuracy: a numeric reply within 5% of a numeric answer counts, any
+    other reply must match an answer exactly after the VQA normalization; best answer wins."""
+    best = 0.0
+    for answer in answers:
+        predicted, target = _number(prediction), _number(answer)
+        if predicted is not None and target is not None:
+            ok = predicted == target if target == 0 else abs(predicted - target) / abs(target) <= tolerance
+        else:
+            ok = normalize_vqa_answer(prediction) == normalize_vqa_answer(answer)
+        best = max(best, float(ok))
+    return best
+
+
+def _exact(prediction: str, answers: Sequence[str], **_: object) -> float:
+    return exact_match(prediction, answers)
+
+
+def _vqa(prediction: str, answers: Sequence[str], **_: object) -> float:
+    return vqa_accuracy(prediction, answers)
+
+
+def _choice(prediction: str, answers: Sequence[str], options: Sequence[str] = (), **_: object) -> float:
+    return multiple_choice(prediction, _first(answers, "multiple_choice"), options)
+
+
+def _yes_no(prediction: str, answers: Sequence[str], **_: object) -> float:
+    return yes_no(prediction, _first(answers, "yes_no"))
+
+
+def _anls(prediction: str, answers: Sequence[str], **_: object) -> float:
+    return anls(prediction, answers)
+
+
+def _relaxed(prediction: str, answers: Sequence[str], **_: object) -> float:
+    return relaxed_accuracy(prediction, answers)
+
+
+# metric name -> per-example score (prediction, reference answers, **example fields)
+SET_METRICS: dict[str, Callable[..., float]] = {
+    "vqa": _vqa, "exact": _exact, "multiple_choice": _choice, "yes_no": _yes_no, "anls": _anls, "relaxed": _relaxed,
+}
+
+
+def score_set(metric: str, predictions: Sequence[str], references: Sequence[Sequence[str]],
+              options: Sequence[Sequence[str]] | None = None) -> tuple[float, float]:
+    """(the set's score, its mean per-example accuracy). The score is the mean of the
+    per-example scores, except yes_no, whose score is POPE's F1 (what the paper averages)."""
+    if metric not in SET_METRICS:
+        raise ValueError(f"unknown metric {metric!r}: choose from {', '.join(SET_METRICS)}")
+    per_example = SET_METRICS[metric]
+    values = [
+        per_example(p, list(r), options=list(options[i]) if options else ())
+        for i, (p, r) in enumerate(zip(predictions, references, strict=True))
+    ]
+    accuracy = sum(values) / len(values) if values else 0.0
+    if metric == "yes_no":
+        return pope_f1(predictions, [r[0] for r in references]), accuracy
+    return accuracy, accuracy
