@@ -355,3 +355,46 @@ def test_checkpoints_from_s3(assets, s3_endpoint, monkeypatch, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(tower.state_dict().values(), local_tower.state_dict().values(), strict=True))
     _, pad, eos = llava_data.load_tokenizer("s3://tokenscale/ckpt/llm")
     assert (pad, eos) == llava_data.load_tokenizer(str(assets["llm"]))[1:]
+
+
+def test_eval_sets_are_scored_on_generated_answers_by_their_metric(assets, tmp_path, monkeypatch):
+    """An eval set declares its metric and prompt suffix: the suffix reaches the question's
+    tokens, answers are generated greedily (KV cache) and scored as the benchmark does (here
+    VQA accuracy over ten human answers)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TOKENSCALE_CACHE", str(tmp_path / "cache"))
+    import torch
+    from transformers import AutoTokenizer
+
+    from tokenscale.workers.metrics import score_set
+    from tokenscale.workers.train import _batch, _build_model, encode_splits, evaluate, load_splits
+
+    data = assets["data"]
+    records = json.loads((data / "eval.json").read_text())[:-1]  # without the text-only record
+    for i, record in enumerate(records):  # VQA's ten annotators
+        color = record["conversations"][1]["value"]
+        record["answers"] = [color] * (i % 5) + ["gray"] * (10 - i % 5)
+    (tmp_path / "vqa.json").write_text(json.dumps(records))
+    suffix = "Describe the image"  # words the tokenizer knows
+    raw = llava_grid(assets, eval=[{
+        "name": "colors-vqa", "task_family": "reasoning", "path": str(tmp_path / "vqa.json"),
+        "image_folder": str(data / "eval_images"), "metric": "vqa", "prompt_suffix": suffix, "max_new_tokens": 3,
+    }])
+    trial = parse_grid(raw).trials()[0]
+    train, (split,) = load_splits(trial)
+    suffix_ids = AutoTokenizer.from_pretrained(assets["llm"])("\n" + suffix, add_special_tokens=False)["input_ids"]
+    assert split.questions[0, -len(suffix_ids):].tolist() == suffix_ids, "the set's prompt suffix ends every question"
+    assert split.metric == "vqa" and len(split.references[0]) == 10
+
+    device, dtype = torch.device("cpu"), torch.float32
+    model = _build_model(trial, device, dtype)
+    _, (split,) = encode_splits(model, trial, train, [split])
+    (score,) = evaluate(model, [split], device, dtype)
+    images, questions, _, question_mask, _ = _batch(split, np.arange(len(split)), device, dtype)
+    generated = model.generate(images, questions, question_mask, 3, split.eos_id).tolist()
+    texts = [split.decode(ids[: ids.index(split.eos_id)] if split.eos_id in ids else ids) for ids in generated]
+    expected, _ = score_set("vqa", texts, split.references)
+    assert score.score == pytest.approx(expected)
+    with_color = ["red"] * len(split)  # a model that always says the first color: VQA's 0.3 steps
+    assert score_set("vqa", with_color, split.references)[0] != score_set("exact", with_color, split.references)[0]
+    assert 1.0 <= score.generated_tokens_mean <= 3.0

@@ -218,14 +218,26 @@ class TrainSpec(Model):
         return global_batch // per_pass
 
 
+EVAL_METRICS = ("vqa", "exact", "multiple_choice", "yes_no", "anls", "relaxed")  # workers/metrics.py SET_METRICS
+
+
 class LlavaEvalSpec(Model):
-    """One eval set in LLaVA format, scored by exact match like the generated benchmarks."""
+    """One eval set in LLaVA format: answers generated greedily, scored by the set's metric."""
 
     name: Name
     task_family: Literal[TASK_FAMILIES]  # which law its error goes into
     path: StrictStr  # the JSON (local or s3://)
     image_folder: StrictStr | None = None  # default: the training data's image_folder
     chance: Number = Field(0.0, ge=0, lt=1, description="expected score of guessing, reported beside the score")
+    metric: Literal[EVAL_METRICS] = Field(
+        "exact",
+        description="vqa (VQAv2/TextVQA accuracy), exact (GQA), multiple_choice (MMBench, ScienceQA), "
+        "yes_no (POPE: F1), anls (DocVQA), relaxed (ChartQA)",
+    )
+    prompt_suffix: StrictStr = Field(
+        "", description="appended to every question, e.g. 'Answer the question using a single word or phrase.'",
+    )
+    max_new_tokens: StrictInt = Field(16, ge=1, description="greedy decoding stops here or at <eos>")
 
 
 class LlavaSpec(Model):

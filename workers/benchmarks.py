@@ -105,6 +105,15 @@ class Split:
     # checkpoint tokenizer's for LLaVA-format data.
     pad_id: int = TOKEN_ID["<pad>"]
     eos_id: int = EOS
+    # An eval set read from files (llava_data.py) is scored on generated answers: the
+    # reference answers (VQA keeps all ten), a multiple-choice example's options, the set's
+    # metric (workers/metrics.py), the decoding budget and the tokenizer's decode. None:
+    # exact match of the tokenized answer (the generated benchmarks).
+    references: list[list[str]] | None = None
+    options: list[list[str]] | None = None
+    metric: str = "exact"
+    max_new_tokens: int = 16
+    decode: Callable[[list[int]], str] | None = None
 
     def __len__(self) -> int:
         return len(self.images)

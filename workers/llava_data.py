@@ -30,6 +30,7 @@ of an image folder only the images that the JSON names are fetched.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -37,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from tokenscale.config import LlavaSpec, TrialConfig, VisionSpec
+from tokenscale.config import LlavaEvalSpec, LlavaSpec, TrialConfig, VisionSpec
 from tokenscale.store import Store, write_atomically
 
 from .benchmarks import Benchmark, Split, cache_dir
@@ -139,8 +140,18 @@ def image_preprocessor(vision: VisionSpec):
     return resize
 
 
-def read_examples(path: str) -> list[tuple[str, str, str]]:
-    """(image, question, answer) of each usable example: the first human/gpt turn pair."""
+@dataclasses.dataclass(frozen=True)
+class Example:
+    image: str
+    question: str
+    answer: str  # the gpt turn: what training teaches
+    references: list[str]  # what scoring compares with: the record's `answers` (VQA's ten), else [answer]
+    options: list[str]  # a multiple-choice record's `options`, in letter order (A, B, ...)
+
+
+def read_examples(path: str) -> list[Example]:
+    """The usable examples of a LLaVA-format JSON: the first human/gpt turn pair of each
+    record with an image; `answers` and `options` fields are kept for scoring."""
     with open(local_file(path)) as f:
         records = json.load(f)
     if not isinstance(records, list):
@@ -153,7 +164,10 @@ def read_examples(path: str) -> list[tuple[str, str, str]]:
         for first, second in zip(turns, turns[1:], strict=False):
             if first.get("from") == "human" and second.get("from") == "gpt":
                 question = first.get("value", "").replace(IMAGE_TOKEN, "").strip()
-                examples.append((image, question, second.get("value", "").strip()))
+                answer = second.get("value", "").strip()
+                references = [str(a) for a in record.get("answers") or [answer]]
+                options = [str(o) for o in record.get("options") or []]
+                examples.append(Example(image, question, answer, references, options))
                 break
     if not examples:
         raise ValueError(f"{path}: no example with an image and a human turn followed by a gpt turn")
@@ -171,12 +185,14 @@ def _pad(rows: list[list[int]], value: int, left: bool) -> np.ndarray:
 
 
 def build_split(
-    bench: Benchmark, json_path: str, image_folder: str, tokenizer, pad: int, eos: int, prep, spec: LlavaSpec
+    bench: Benchmark, json_path: str, image_folder: str, tokenizer, pad: int, eos: int, prep, spec: LlavaSpec,
+    evaluation: LlavaEvalSpec | None = None,
 ) -> Split:
     examples = read_examples(json_path)
-    images, questions, answers = zip(*examples, strict=True)
-    q_ids = tokenizer(list(questions), add_special_tokens=False)["input_ids"]
-    a_ids = tokenizer(list(answers), add_special_tokens=False)["input_ids"]
+    images = [e.image for e in examples]
+    suffix = f"\n{evaluation.prompt_suffix}" if evaluation is not None and evaluation.prompt_suffix else ""
+    q_ids = tokenizer([e.question + suffix for e in examples], add_special_tokens=False)["input_ids"]
+    a_ids = tokenizer([e.answer for e in examples], add_special_tokens=False)["input_ids"]
     q_ids = [q[: spec.max_question_tokens] for q in q_ids]
     a_ids = [(a + [eos])[: spec.max_answer_tokens] for a in a_ids]
     uris = [_join(image_folder, name) for name in images]
@@ -189,8 +205,16 @@ def build_split(
         if missing:
             raise FileNotFoundError(f"{json_path}: {len(missing)} image(s) not in {image_folder!r}, e.g. {missing[0]!r}")
     pixels = np.concatenate([prep(files[i : i + 256]) for i in range(0, len(files), 256)])
-    return Split(
-        bench, pixels, _pad(q_ids, pad, left=True), _pad(a_ids, eos, left=False), pad_id=pad, eos_id=eos
+    split = Split(bench, pixels, _pad(q_ids, pad, left=True), _pad(a_ids, eos, left=False), pad_id=pad, eos_id=eos)
+    if evaluation is None:
+        return split
+    return dataclasses.replace(
+        split,
+        references=[e.references for e in examples],
+        options=[e.options for e in examples],
+        metric=evaluation.metric,
+        max_new_tokens=evaluation.max_new_tokens,
+        decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True).strip(),
     )
 
 
@@ -206,7 +230,8 @@ def load_splits(trial: TrialConfig) -> tuple[list[Split], list[Split]]:
     train = build_split(Benchmark("llava-train", "reasoning", 0.0), spec.train, spec.image_folder, tokenizer, pad, eos, prep, spec)
     evals = [
         build_split(
-            Benchmark(e.name, e.task_family, e.chance), e.path, e.image_folder or spec.image_folder, tokenizer, pad, eos, prep, spec
+            Benchmark(e.name, e.task_family, e.chance), e.path, e.image_folder or spec.image_folder, tokenizer, pad, eos,
+            prep, spec, evaluation=e,
         )
         for e in spec.eval
     ]

@@ -299,6 +299,46 @@ class VLM(nn.Module):
         out = self.llm.model(inputs_embeds=question_embeds, attention_mask=question_mask, position_ids=positions(question_mask))
         return out.last_hidden_state[:, -1]
 
+    def prefix(
+        self, images: torch.Tensor, questions: torch.Tensor, question_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The embeddings [visual][question] the answer follows, and their attention mask."""
+        if question_mask is None:
+            question_mask = torch.ones_like(questions)
+        question_embeds = self.llm.get_input_embeddings()(questions)
+        # images [B, 3, S, S], or a frozen tower's precomputed patch features [B, P, D]
+        patches = images if images.dim() == 3 else self.vision(images)[1]
+        query = self.query_embedding(question_embeds, question_mask) if self.compressor.uses_query else None
+        visual = self.compressor(patches, query)
+        visual = self.visual_norm(visual.transpose(1, 2)).transpose(1, 2)
+        if self.visual_position is not None:
+            visual = visual + self.visual_position
+        visual = visual.to(question_embeds.dtype)
+        ones = torch.ones(visual.shape[:2], dtype=question_mask.dtype, device=visual.device)
+        return torch.cat([visual, question_embeds], dim=1), torch.cat([ones, question_mask], dim=1)
+
+    @torch.no_grad()
+    def generate(
+        self, images: torch.Tensor, questions: torch.Tensor, question_mask: torch.Tensor, max_new_tokens: int, eos_id: int
+    ) -> torch.Tensor:
+        """Greedy decoding with the KV cache: [B, max_new_tokens] token ids, `eos_id` from
+        each sequence's first <eos> on. Always `max_new_tokens` forward passes, so that the
+        ranks of a ZeRO-3 group, which gather weights in every pass, stay in step."""
+        prefix, mask = self.prefix(images, questions, question_mask)
+        out = self.llm(inputs_embeds=prefix, attention_mask=mask, position_ids=positions(mask), use_cache=True)
+        tokens, done = [], torch.zeros(len(prefix), dtype=torch.bool, device=prefix.device)
+        for _ in range(max_new_tokens):
+            next_token = out.logits[:, -1].argmax(-1)
+            next_token = torch.where(done, torch.full_like(next_token, eos_id), next_token)
+            tokens.append(next_token)
+            done |= next_token == eos_id
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            out = self.llm(
+                input_ids=next_token[:, None], attention_mask=mask, position_ids=positions(mask)[:, -1:],
+                past_key_values=out.past_key_values, use_cache=True,
+            )
+        return torch.stack(tokens, dim=1)
+
     def forward(
         self,
         images: torch.Tensor,
@@ -314,25 +354,14 @@ class VLM(nn.Module):
         the first <eos> (0 on the padding after it): both are masked out of attention, the
         positions count real tokens only (as if the padding were not there), and the loss
         covers exactly the masked-in answer tokens."""
-        if question_mask is None:
-            question_mask = torch.ones_like(questions)
         if answer_mask is None:
             answer_mask = torch.ones_like(answers)
-        embed = self.llm.get_input_embeddings()
-        question_embeds = embed(questions)
-        # images [B, 3, S, S], or a frozen tower's precomputed patch features [B, P, D]
-        patches = images if images.dim() == 3 else self.vision(images)[1]
-        query = self.query_embedding(question_embeds, question_mask) if self.compressor.uses_query else None
-        visual = self.compressor(patches, query)
-        visual = self.visual_norm(visual.transpose(1, 2)).transpose(1, 2)
-        if self.visual_position is not None:
-            visual = visual + self.visual_position
-        visual = visual.to(question_embeds.dtype)
-        inputs = torch.cat([visual, question_embeds, embed(answers)], dim=1)
-        mask = torch.cat([torch.ones(visual.shape[:2], dtype=question_mask.dtype, device=visual.device), question_mask, answer_mask], dim=1)
+        prefix, prefix_mask = self.prefix(images, questions, question_mask)
+        inputs = torch.cat([prefix, self.llm.get_input_embeddings()(answers)], dim=1)
+        mask = torch.cat([prefix_mask, answer_mask.to(prefix_mask.dtype)], dim=1)
         hidden = self.llm.model(inputs_embeds=inputs, attention_mask=mask, position_ids=positions(mask)).last_hidden_state
         # position t predicts token t+1: the answer is predicted from the token before it
-        start = visual.shape[1] + questions.shape[1] - 1
+        start = prefix.shape[1] - 1
         logits = self.llm.lm_head(hidden[:, start : start + answers.shape[1]])
         per_token = nn.functional.cross_entropy(logits.float().flatten(0, 1), answers.flatten(), reduction="none")
         weights = answer_mask.flatten().to(per_token.dtype)

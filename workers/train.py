@@ -334,6 +334,9 @@ def evaluate(
     module.eval()
     scores = []
     for split in splits:
+        if split.references is not None:
+            scores.append(_evaluate_generated(module, split, device, dtype, rank, world_size))
+            continue
         per_rank = -(-len(split) // world_size)
         index = np.arange(rank, per_rank * world_size, world_size)
         counted = index < len(split)
@@ -358,6 +361,46 @@ def evaluate(
         ))
     module.train()
     return scores
+
+
+def _evaluate_generated(
+    module: torch.nn.Module, split: Split, device: torch.device, dtype: torch.dtype, rank: int, world_size: int,
+    batch: int = 64,
+) -> BenchmarkScore:
+    """An eval set read from files, as the benchmarks score it: greedy answers (KV cache, at
+    most `max_new_tokens`), decoded, then the set's metric against its reference answers
+    (workers/metrics.py). Every rank decodes a stride; rank 0 gathers the texts and scores."""
+    from .metrics import score_set
+
+    per_rank = -(-len(split) // world_size)
+    index = np.arange(rank, per_rank * world_size, world_size)
+    counted = index < len(split)
+    index = np.where(counted, index, 0)
+    mine: list[tuple[int, str, int]] = []  # (example, answer text, generated tokens incl. <eos>)
+    for start in range(0, per_rank, batch):
+        chunk = index[start : start + batch]
+        images, questions, _, question_mask, _ = _batch(split, chunk, device, dtype)
+        generated = module.generate(images, questions, question_mask, split.max_new_tokens, split.eos_id).cpu().numpy()
+        for i, row, keep in zip(chunk, generated, counted[start : start + batch], strict=True):
+            if keep:
+                ids = row.tolist()
+                length = ids.index(split.eos_id) + 1 if split.eos_id in ids else len(ids)
+                mine.append((int(i), split.decode(ids[: length - (split.eos_id in ids)]), length))
+    if world_size > 1:
+        import torch.distributed as dist
+
+        everyone: list[list[tuple[int, str, int]]] = [[] for _ in range(world_size)]
+        dist.all_gather_object(everyone, mine)
+        mine = [item for part in everyone for item in part]
+    mine.sort()
+    predictions = [text for _, text, _ in mine]
+    score, _accuracy = score_set(split.metric, predictions, split.references, split.options)
+    text_tokens = float(split.question_mask().sum(axis=1).mean())
+    generated_tokens = float(np.mean([length for _, _, length in mine]))
+    return BenchmarkScore(
+        split.benchmark.name, split.benchmark.task_family, score, split.benchmark.chance, len(split),
+        text_tokens, generated_tokens,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
