@@ -513,14 +513,14 @@ def train_and_evaluate(
     pool = pool_splits(train_splits)
 
     resumed = Progress.read(checkpoint_dir)
-    progress = resumed or Progress()
+    first_stage = resumed.stage if resumed else 1
     started = time.perf_counter()
-    losses = {1: progress.stage1_loss, 2: float("nan")}
+    losses = {1: resumed.stage1_loss if resumed else float("nan"), 2: float("nan")}
     carried: dict[str, torch.Tensor] | None = None  # stage 1's result, for stage 2's model
     engine = None
     last_loss = float("nan")
     for number in (1, 2):
-        if number < progress.stage:
+        if number < first_stage:
             continue
         stage = stage_plan(trial, number, world_size)
         if carried is not None and trial.train.zero_stage_of(1) == 3:
@@ -547,17 +547,16 @@ def train_and_evaluate(
             engine, trial, stage, pool, rank=rank, world_size=world_size, start_step=start_step,
             device=device, dtype=dtype, checkpoint=save,
         )
-        losses[number] = _tail_mean(step_losses)
-        last_loss = step_losses[-1] if step_losses else float("nan")
-        if resumed is not None and resumed.stage == number and start_step == stage.steps:
-            losses[number] = resumed.stage1_loss if number == 1 else losses[number]
+        last_loss = step_losses[-1] if step_losses else last_loss
+        # a checkpoint taken at stage 1's end resumes with nothing left of it to run
+        stage1_was_done = number == 1 and resumed is not None and resumed.stage == 1 and start_step == stage.steps
+        losses[number] = resumed.stage1_loss if stage1_was_done else _tail_mean(step_losses)
         if number == 1:
-            if checkpoint is not None and not (resumed is not None and resumed.stage == 1 and start_step == stage.steps):
+            if checkpoint is not None and not stage1_was_done:
                 checkpoint(engine, Progress(1, stage.steps, losses[1], f"stage1-step{stage.steps}"))
             carried = _trainable_state(engine, stage.zero_stage)
             engine.destroy()
             engine = None
-            progress = Progress(2, 0, losses[1])
     train_seconds = time.perf_counter() - started
 
     metrics: dict[str, Any] = {
