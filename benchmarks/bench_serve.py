@@ -4,7 +4,9 @@ Starts Ray and the Serve app on a synthetic store (4 LLM sizes x 4 visual-token 
 2 compressors x 2 task families, laws fitted with their bootstrap draws), then load-tests two
 endpoints of that one Serve instance over loopback:
 
-  - GET /noop: a constant through the same deployment and response class (Serve's floor)
+  - GET /noop: a constant through the same deployment and response class (Serve's floor);
+    the production app has no such route: `NoopReplica` below adds it to a subclass of
+    the app's replica, deployed with `start(..., replica_class=NoopReplica)`
   - GET /optimal?flops=...&text_tokens=...&task=... (budgets cycled over 16 values)
 
 The two are measured interleaved -- sequential requests take turns one by one, concurrent
@@ -32,8 +34,11 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 import numpy as np
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 
 from tokenscale.fitting.grid_fit import fit_grid
+from tokenscale.serve.app import Replica
 from tokenscale.store import Store
 
 TESTS = Path(__file__).resolve().parent.parent / "tests"  # synthetic.py: rows from known laws
@@ -48,6 +53,23 @@ TRUTH = {  # (A, alpha, beta, D) per (family, compressor)
     ("ocr", "qformer"): (0.7, 0.12, 0.15, 0.12),
 }
 BENCHMARKS = {"reasoning": ["mmmu", "scienceqa"], "ocr": ["textvqa"]}
+
+
+_NOOP = {"ok": True}
+
+
+class NoopReplica(Replica):
+    """The app's replica plus GET /noop: a constant through the same deployment, app and
+    response class, i.e. what Ray Serve and FastAPI cost before any answer is computed."""
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        api = super().__serve_build_asgi_app__()
+
+        @api.get("/noop", include_in_schema=False)
+        async def noop():
+            return JSONResponse(_NOOP)
+
+        return api
 
 
 def synthetic_store(root: str) -> Store:
@@ -182,7 +204,7 @@ def main() -> None:
 
         init_ray()
         try:
-            start(store.uri, GRID, "127.0.0.1", port, reload_seconds=5.0)
+            start(store.uri, GRID, "127.0.0.1", port, reload_seconds=5.0, replica_class=NoopReplica)
             sequential(port, paths, 100)  # warm connections, code paths, the proxy's routes
             seq = sequential(port, paths, args.pairs)
             conc = concurrent(port, paths, args.clients, args.seconds, args.window)

@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 
 from tokenscale.config import Grid, GridError, parse_grid
-from tokenscale.store import Store, s3_endpoint
+from tokenscale.store import Store, StoreError, one_line, s3_endpoint
 
 GRID_FILE = "grid.yaml"
 TUNE_NAME = "tune"
@@ -109,22 +109,37 @@ def _trial_error(filesystem: Any, experiment: str, trial: dict[str, Any], metada
     return _last_error_line(text)
 
 
+def _store_error(path: str, action: str, err: BaseException) -> StoreError:
+    """A pyarrow filesystem error reading Tune's state at `path` as a one-line StoreError
+    naming where and why (pyarrow's S3 client has retried it by then)."""
+    return StoreError(f"store {path}: could not {action}: {one_line(err)}")
+
+
 def tune_trial_states(path: str) -> dict[str, tuple[str, str]]:
     """config_hash -> (Tune's status, last error line) for every trial of the Tune
-    experiment at `path` (local directory or s3://...); {} when Tune never wrote state."""
+    experiment at `path` (local directory or s3://...); {} when Tune never wrote state;
+    StoreError when the state cannot be listed or read."""
     from pyarrow import fs
 
     filesystem, experiment = _filesystem(path)
     try:
         infos = filesystem.get_file_info(fs.FileSelector(experiment, allow_not_found=True))
-    except OSError:  # e.g. a bucket that does not exist yet
+    except FileNotFoundError:
         return {}
+    except OSError as err:
+        if "NO_SUCH_BUCKET" in str(err):  # a bucket that does not exist yet: Tune never wrote
+            return {}
+        raise _store_error(path, "list Tune's experiment state", err) from None
     names = sorted((i.base_name for i in infos if i.is_file and fnmatch.fnmatch(i.base_name, STATE_FILES)), reverse=True)
     for name in names:  # the newest; an unreadable one (cut short) falls back to the one before
         try:
             state = json.loads(_read_text(filesystem, f"{experiment}/{name}"))
             entries = [(json.loads(trial), json.loads(metadata)) for trial, metadata in state["trial_data"]]
-        except (OSError, ValueError, KeyError, TypeError):
+        except FileNotFoundError:  # replaced by a newer one since the listing
+            continue
+        except OSError as err:  # the store, not the file: say so instead of guessing from an older one
+            raise _store_error(path, f"read {name}", err) from None
+        except (ValueError, KeyError, TypeError):
             continue
         found: dict[str, tuple[str, str]] = {}
         for trial, metadata in entries:

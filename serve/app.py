@@ -4,26 +4,33 @@
     GET /frontier  Pareto frontier of the candidates
     GET /laws      fitted laws with their CIs
     GET /trials    best observed trials of a task family
-    GET /healthz   200 while the process is up; says whether laws are loaded
-    GET /noop      a constant (Ray Serve's own floor, for benchmarks/bench_serve.py)
+    GET /healthz   200 while the process is up: ready, the laws' fingerprint, last_reload_error
     OpenAPI at /docs and /openapi.json.
 
-Status codes: 200; 400 for a request that is well-formed but cannot be answered (unknown
+Status codes. The caller's fault is a 4xx whose message names the parameter and what is
+accepted: 422 for parameters that fail validation (missing, wrong type, NaN/inf, out of
+range); 400 for a request that is well-formed but cannot be answered (unknown
 task/compressor/form, budget below the cheapest candidate); 404 while the store has no
-fitted laws (for the grid served) yet -- a 4xx, not 503, because it is the caller's store
-that needs `tokenscale fit`, and the laws are picked up without a restart once written;
-422 for parameters that fail validation (missing, wrong type, NaN/inf, out of range).
-Every error body is JSON {"error": "what is wrong; what is accepted", ...}. No handler
-lets an exception escape (that would be a 500): anything unexpected is logged and answered
-400 with its type and message.
+fitted laws (for the grid served) yet -- the caller's store needs `tokenscale fit`, and the
+laws are picked up without a restart once written. Our own fault is a 5xx with a short
+cause, logged with its traceback: 503 while no laws could be loaded because the store
+cannot be read (the reload loop keeps trying), 500 for anything unexpected (a bug). Every
+error body is JSON {"error": "...", ...}.
 
-Nothing here writes to the store, runs SQL or fits anything: the store's laws, their
-bootstrap draws and the results are only read, at (re)load. The `form` parameter accepts
-`tokenscale.costs.FORMS`.
+A replica keeps answering from its last good laws when a reload fails (the store is down,
+an object is unreadable): /healthz then reports `last_reload_error`, and the next poll
+that succeeds clears it and serves what it found.
+
+The logic lives in `Replica`, a plain class (no Ray needed: tests drive it in process
+through `build_api`); `deployment()` wraps it for Ray Serve, and a subclass can add routes
+(benchmarks/bench_serve.py adds its no-op that way). Nothing here writes to the store, runs
+SQL or fits anything: the store's laws, their bootstrap draws and the results are only
+read, at (re)load. The `form` parameter accepts `tokenscale.costs.FORMS`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from collections.abc import Callable
@@ -37,7 +44,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tokenscale.costs import FORMS
-from tokenscale.store import Store
+from tokenscale.store import Store, StoreError, one_line
 
 from .advisor import (
     CI_METHOD,
@@ -53,8 +60,8 @@ from .advisor import (
 
 log = logging.getLogger("ray.serve")
 
-# The forms FastAPI accepts, from the one list. (A pattern on `str`, not a Literal: Serve's
-# ingress resolves the handlers' annotations without this module's names.)
+# The forms FastAPI accepts, from the one list. (A pattern on `str`, not a Literal: the
+# handlers' annotations are resolved from this module's globals.)
 FORM_PATTERN = f"^({'|'.join(FORMS)})$"
 
 # What each query parameter accepts: the OpenAPI descriptions and the 422 messages say the same.
@@ -68,15 +75,15 @@ ACCEPTED = {
     "top": f"an integer from 1 to {MAX_TOP}",
 }
 
-api = FastAPI(
-    title="tokenscale",
-    description=(
-        "Inference-optimal VLM configurations from fitted scaling laws E(N, V). Read-only: "
-        "answers come from the laws and results in the store, reloaded when a refit lands.\n\n"
-        f"Prediction CIs: {CI_METHOD}. Inference FLOPs per query: 2 N (Q + V + G), plus 2 N Q "
-        "for a compressor that runs the LLM over the query (quecc)."
-    ),
-    version="1",
+TITLE = "tokenscale"
+DESCRIPTION = (
+    "Inference-optimal VLM configurations from fitted scaling laws E(N, V). Read-only: "
+    "answers come from the laws and results in the store, reloaded when a refit lands.\n\n"
+    f"Prediction CIs: {CI_METHOD}. Inference FLOPs per query: 2 N (Q + V + G), plus 2 N Q "
+    "for a compressor that runs the LLM over the query (quecc).\n\n"
+    "Errors: 4xx when the request is at fault (the message names the parameter and what is "
+    "accepted), 5xx when the service is (503: the store cannot be read and no laws are "
+    "loaded; 500: an internal error, logged)."
 )
 
 
@@ -165,20 +172,29 @@ class TrialsAnswer(BaseModel):
 
 
 class Health(BaseModel):
-    status: str
-    ready: bool = Field(description="whether fitted laws are loaded (else the other endpoints answer 404)")
+    status: str = Field(description="ok, or degraded while the last reload failed (the last good laws are served)")
+    ready: bool = Field(description="whether fitted laws are loaded (else the other endpoints answer 404, or 503 "
+                                    "when the store could not be read)")
     grid: str | None
     fitted_at: str | None
     loaded_at: float | None
+    laws_fingerprint: str | None = Field(description="identity of the laws object(s) served (from a stat or a "
+                                                     "HEAD): it changes with every refit")
     reload_seconds: float
-    last_reload_error: str | None
+    last_reload_error: str | None = Field(description="why the last reload failed; null once one succeeds")
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorBody, "description": "cannot be answered as asked (e.g. unknown task, budget too small)"},
     404: {"model": ErrorBody, "description": "no fitted laws in the store yet: run `tokenscale fit GRID`"},
     422: {"model": ValidationBody, "description": "a parameter is missing, of the wrong type or out of range"},
+    500: {"model": ErrorBody, "description": "an internal error of the service (not of the request); logged"},
+    503: {"model": ErrorBody, "description": "no laws loaded because the store cannot be read; retried every reload"},
 }
+
+
+class Unavailable(RuntimeError):
+    """No laws to answer from because the store could not be read: the service's fault."""
 
 
 def _short(value: Any, limit: int = 100) -> str:
@@ -190,7 +206,20 @@ def _error(status: int, message: str, **extra: Any) -> JSONResponse:
     return JSONResponse(status_code=status, content={"error": message, **extra})
 
 
-@api.exception_handler(RequestValidationError)
+def internal_error(err: BaseException) -> JSONResponse:
+    """A 500 for an exception we did not expect: a short cause, the traceback in the log."""
+    log.error("tokenscale: internal error answering a request", exc_info=err)
+    return _error(500, f"internal error in tokenscale, not a problem with the request "
+                       f"({type(err).__name__}: {one_line(err, 200)}); the service log has the traceback")
+
+
+def fingerprint_id(fingerprint: tuple | None) -> str | None:
+    """A short stable string for a laws fingerprint (`advisor.laws_fingerprint`)."""
+    if not fingerprint:
+        return None
+    return hashlib.sha256(repr(fingerprint).encode()).hexdigest()[:16]
+
+
 async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
     problems, items = [], []
     for e in exc.errors():
@@ -202,20 +231,24 @@ async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
     return _error(422, "; ".join(problems), detail=items)
 
 
-@api.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    if exc.status_code >= 500:  # our fault: said as such, with its own status
+        return _error(exc.status_code, f"{exc.detail} (an error of the service, not of the request)")
     # unknown path (404) or method (405): say what exists instead of {"detail": "Not Found"}
     message = f"{exc.detail}: {request.method} {request.url.path}; the API is GET /optimal, /frontier, /laws, /trials, /healthz (docs at /docs)"
-    return _error(exc.status_code if exc.status_code < 500 else 400, message)
+    return _error(exc.status_code, message)
 
 
-_NOOP = {"ok": True}
+async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    # the backstop for anything raised outside Replica.answer (which answers its own 500s)
+    return internal_error(exc)
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=32)
-@serve.ingress(api)
-class TokenscaleApp:
-    """One replica: a snapshot of the store's laws, swapped for a new one when they change."""
+class Replica:
+    """One replica: a snapshot of the store's laws, swapped for a new one when they change.
+
+    Plain Python (no Ray): `deployment()` makes it a Serve deployment, `build_api` its
+    FastAPI app. `poll=False` skips the reload thread (call `reload()` yourself)."""
 
     def __init__(
         self,
@@ -223,6 +256,7 @@ class TokenscaleApp:
         grid: str | None = None,
         reload_seconds: float = 5.0,
         cis: bool = True,
+        poll: bool = True,
     ):
         self.store = Store(store_uri)
         self.grid = grid
@@ -233,16 +267,24 @@ class TokenscaleApp:
         self.last_reload_error: str | None = None
         self._stop = threading.Event()
         # The first load happens here, but a failure must not keep the replica from
-        # starting (Serve would retry the constructor and the proxy would answer 503s):
-        # the endpoints answer 404 until the reload loop succeeds.
-        self._reload()
-        threading.Thread(target=self._reload_loop, name="tokenscale-reload", daemon=True).start()
+        # starting (Serve would retry the constructor and the proxy would answer its own
+        # 503s): the endpoints answer 503 (store unreadable) or 404 (no laws yet) until the
+        # reload loop succeeds.
+        self.reload()
+        if poll:
+            threading.Thread(target=self._reload_loop, name="tokenscale-reload", daemon=True).start()
 
-    def _reload(self) -> bool:
-        """Load the store's laws if they changed since the last load; True when swapped."""
+    @property
+    def advisor(self) -> Advisor | None:
+        return self._advisor
+
+    def reload(self) -> bool:
+        """Load the store's laws if they changed since the last load; True when swapped.
+        A failure keeps the last good laws and is reported in `last_reload_error`."""
         try:
             fingerprint = laws_fingerprint(self.store, self.grid)
             if fingerprint == self._seen:
+                self.last_reload_error = None  # the store answers again, nothing new
                 return False
             snapshot = None
             if fingerprint:  # no laws object at all: nothing to read
@@ -254,30 +296,46 @@ class TokenscaleApp:
             self._advisor = Advisor(snapshot)  # one reference swap: requests see old or new
             log.info("tokenscale: serving laws of grid %s fitted at %s", snapshot.grid, snapshot.fitted_at)
             return True
-        except Exception as err:  # a store hiccup keeps the last good laws
-            self.last_reload_error = f"{type(err).__name__}: {err}"[:500]
-            log.warning("tokenscale: reload from %s failed: %s", self.store.uri, self.last_reload_error)
+        except StoreError as err:  # the store is down or refused: keep the last good laws
+            self.last_reload_error = f"{type(err).__name__}: {one_line(err, 480)}"
+            log.warning("tokenscale: reload from %s failed, serving the last good laws: %s", self.store.uri,
+                        self.last_reload_error)
+            return False
+        except Exception as err:  # anything else is ours (or unreadable data): log the traceback too
+            self.last_reload_error = f"{type(err).__name__}: {one_line(err, 480)}"
+            log.exception("tokenscale: reload from %s failed, serving the last good laws", self.store.uri)
             return False
 
     def _reload_loop(self) -> None:
         # Hot reload: a refit writes a new laws object; it is served within about
         # reload_seconds (one poll: a stat or a HEAD) plus the time to load it.
         while not self._stop.wait(self.reload_seconds):
-            self._reload()
+            self.reload()
 
-    def __del__(self) -> None:
-        # Serve calls __del__ when it stops a replica (scale-down, redeploy): end the poller
+    def close(self) -> None:
+        """Stop the reload loop (Serve calls __del__ when it stops a replica)."""
         self._stop.set()
 
-    def _answer(self, compute: Callable[[Advisor], dict]) -> JSONResponse:
-        # The response is rendered inside the try, so even a value JSON cannot carry
-        # becomes a 4xx here instead of a 500 in FastAPI's serializer.
+    def __del__(self) -> None:
+        self._stop.set()
+
+    def _where(self) -> str:
+        return f"grid {self.grid!r} in {self.store.uri}" if self.grid else self.store.uri
+
+    def answer(self, compute: Callable[[Advisor], dict]) -> JSONResponse:
+        """`compute` on the current laws as a response: 400/404 when the request cannot be
+        answered, 503 when no laws could be loaded, 500 (logged) for anything unexpected."""
+        # The response is rendered inside the try: a value JSON cannot carry is our bug, a 500.
         try:
             advisor = self._advisor
             if advisor is None:
-                where = f"grid {self.grid!r} in {self.store.uri}" if self.grid else self.store.uri
+                if self.last_reload_error:
+                    raise Unavailable(
+                        f"no laws loaded: the store could not be read ({self.last_reload_error}); a fault of "
+                        f"the service's store, retried every {self.reload_seconds:g}s"
+                    )
                 raise NotReady(
-                    f"no fitted laws in {where} yet: run `tokenscale fit GRID`; they are picked up "
+                    f"no fitted laws in {self._where()} yet: run `tokenscale fit GRID`; they are picked up "
                     f"within {self.reload_seconds:g}s of being written"
                 )
             return JSONResponse(compute(advisor))
@@ -285,32 +343,43 @@ class TokenscaleApp:
             return _error(400, str(err))
         except NotReady as err:
             return _error(404, str(err))
-        except Exception as err:  # never a 500; the log keeps the traceback
-            log.exception("tokenscale: unexpected error answering a request")
-            return _error(400, f"could not answer this request ({type(err).__name__}: {_short(str(err), 200)}); check the parameters against /docs")
+        except Unavailable as err:
+            return _error(503, str(err))
+        except Exception as err:  # our fault, not the request's: 500 with the cause, traceback logged
+            return internal_error(err)
 
-    @api.get("/healthz", response_model=Health)
-    async def healthz(self) -> JSONResponse:
+    def health(self) -> dict:
         adv = self._advisor
         snap = adv.snapshot if adv else None
-        return JSONResponse({
-            "status": "ok",
+        return {
+            "status": "degraded" if self.last_reload_error else "ok",
             "ready": snap is not None,
             "grid": snap.grid if snap else None,
             "fitted_at": snap.fitted_at if snap else None,
             "loaded_at": snap.loaded_at if snap else None,
+            "laws_fingerprint": fingerprint_id(snap.fingerprint) if snap else None,
             "reload_seconds": self.reload_seconds,
             "last_reload_error": self.last_reload_error,
-        })
+        }
 
-    @api.get("/noop", include_in_schema=False)
-    async def noop(self) -> JSONResponse:
-        # a constant through the same deployment and response class: Serve's own floor
-        return JSONResponse(_NOOP)
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        # Serve calls this once per replica, after __init__: the app's routes answer from self
+        return build_api(self)
+
+
+def build_api(replica: Replica) -> FastAPI:
+    """The HTTP API over one replica (also usable without Ray, e.g. in process)."""
+    api = FastAPI(title=TITLE, description=DESCRIPTION, version="1")
+    api.add_exception_handler(RequestValidationError, _invalid)
+    api.add_exception_handler(StarletteHTTPException, _http_error)
+    api.add_exception_handler(Exception, _unexpected)
+
+    @api.get("/healthz", response_model=Health)
+    async def healthz() -> JSONResponse:
+        return JSONResponse(replica.health())
 
     @api.get("/optimal", response_model=OptimalAnswer, responses=ERRORS)
     async def optimal(
-        self,
         flops: float = Query(..., gt=0, le=MAX_FLOPS, allow_inf_nan=False, description=ACCEPTED["flops"]),
         text_tokens: float = Query(0.0, ge=0, le=MAX_TOKENS, allow_inf_nan=False, description=ACCEPTED["text_tokens"]),
         task: str = Query("reasoning", max_length=100, description=ACCEPTED["task"]),
@@ -318,30 +387,40 @@ class TokenscaleApp:
         form: str = Query(FORMS[0], pattern=FORM_PATTERN, description=ACCEPTED["form"]),
         generated_tokens: float = Query(0.0, ge=0, le=MAX_TOKENS, allow_inf_nan=False, description=ACCEPTED["generated_tokens"]),
     ) -> JSONResponse:
-        return self._answer(lambda a: a.optimal(flops, text_tokens, task, compressor, form, generated_tokens))
+        return replica.answer(lambda a: a.optimal(flops, text_tokens, task, compressor, form, generated_tokens))
 
     @api.get("/frontier", response_model=FrontierAnswer, responses=ERRORS)
     async def frontier(
-        self,
         task: str = Query("reasoning", max_length=100, description=ACCEPTED["task"]),
         text_tokens: float = Query(0.0, ge=0, le=MAX_TOKENS, allow_inf_nan=False, description=ACCEPTED["text_tokens"]),
         compressor: str | None = Query(None, max_length=100, description=ACCEPTED["compressor"]),
         form: str = Query(FORMS[0], pattern=FORM_PATTERN, description=ACCEPTED["form"]),
         generated_tokens: float = Query(0.0, ge=0, le=MAX_TOKENS, allow_inf_nan=False, description=ACCEPTED["generated_tokens"]),
     ) -> JSONResponse:
-        return self._answer(lambda a: a.frontier(task, text_tokens, compressor, form, generated_tokens))
+        return replica.answer(lambda a: a.frontier(task, text_tokens, compressor, form, generated_tokens))
 
     @api.get("/laws", response_model=LawsAnswer, responses=ERRORS)
-    async def laws(self) -> JSONResponse:
-        return self._answer(lambda a: a.laws())
+    async def laws() -> JSONResponse:
+        return replica.answer(lambda a: a.laws())
 
     @api.get("/trials", response_model=TrialsAnswer, responses=ERRORS)
     async def trials(
-        self,
         task: str = Query("reasoning", max_length=100, description=ACCEPTED["task"]),
         top: int = Query(10, ge=1, le=MAX_TOP, description=ACCEPTED["top"]),
     ) -> JSONResponse:
-        return self._answer(lambda a: a.trials(task, top))
+        return replica.answer(lambda a: a.trials(task, top))
+
+    return api
+
+
+def deployment(replica_class: type[Replica] = Replica) -> Any:
+    """`replica_class` as a Ray Serve deployment whose replicas serve `build_api` (or the
+    class's own `__serve_build_asgi_app__`)."""
+    ingress = serve.ingress()(replica_class)  # the app is built per replica, bound to it
+    return serve.deployment(name="TokenscaleApp", ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=32)(ingress)
+
+
+TokenscaleApp = deployment()
 
 
 def start(
@@ -357,6 +436,7 @@ def start(
     cis: bool = True,
     name: str = "tokenscale",
     route_prefix: str = "/",
+    replica_class: type[Replica] = Replica,
 ) -> str:
     """Deploy on the running Ray (bound to `host`, loopback by default); returns the base URL.
 
@@ -364,13 +444,14 @@ def start(
     and polls it every `reload_seconds`. `cis=False` skips reading the stored draws
     (faster loads; the CI and share fields are then null). `name`/`route_prefix` let several stores be served
     side by side on one Serve instance (Serve has one HTTP proxy: host/port apply to the
-    first `start` only)."""
+    first `start` only). `replica_class`: a subclass of `Replica` (e.g. with more routes)."""
     if not reload_seconds > 0:
         raise ValueError(f"reload_seconds={reload_seconds}: give a positive number of seconds")
     if num_replicas < 1 or num_cpus < 0 or max_ongoing_requests < 1:
         raise ValueError("num_replicas >= 1, num_cpus >= 0 and max_ongoing_requests >= 1 are required")
     serve.start(http_options={"host": host, "port": port})
-    app = TokenscaleApp.options(
+    target = TokenscaleApp if replica_class is Replica else deployment(replica_class)
+    app = target.options(
         num_replicas=num_replicas,
         max_ongoing_requests=max_ongoing_requests,
         ray_actor_options={"num_cpus": num_cpus},

@@ -73,3 +73,93 @@ def test_every_subcommand_has_help():
     for command in ("run", "sql", "fit", "serve", "demo"):
         out = tokenscale(command, "--help")
         assert out.returncode == 0 and "usage: tokenscale " + command in out.stdout
+
+
+def run_all(commands: list[tuple[str, ...]], cwd=None, timeout: float = 120) -> list[subprocess.CompletedProcess]:
+    """Every command as its own process (own process group: one that wrongly got as far
+    as starting Ray is stopped with all it started), started together, each awaited."""
+    import os
+    import signal
+
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "tokenscale.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, cwd=cwd, start_new_session=True)
+        for args in commands
+    ]
+    out = []
+    for args, proc in zip(commands, procs, strict=True):
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the group this test started, nothing else
+            stdout, stderr = proc.communicate()
+        out.append(subprocess.CompletedProcess(list(args), proc.returncode, stdout, stderr))
+    return out
+
+
+def test_bad_input_to_every_command_exits_2_with_one_line(tmp_path):
+    """Each command given something it cannot take: exit 2 and one line, `tokenscale CMD:
+    error: ...` naming what is wrong and what is accepted, or argparse's usage line plus
+    that error line (a --format, a choice or a type argparse checks); never a traceback,
+    and nothing started (serve fails before it reads the store or starts Ray)."""
+    store = str(tmp_path / "store")
+    write_points(tmp_path / "p.csv")
+    points = str(tmp_path / "p.csv")
+    (tmp_path / "grid.yaml").write_text("grid: g\nllms: []\n")
+    cases = [
+        ("resume", "never-run", "--store", store),
+        ("resume", "../elsewhere", "--store", store),
+        ("status", "never-run", "--store", store),
+        ("status", "a/b", "--store", store),
+        ("status", "g", "--store", store, "--format", "xml"),
+        ("sql", "select 1", "--store", store, "--format", "xml"),
+        ("sql", "select 1; select 2", "--store", store),
+        ("sql", "create table t (x int)", "--store", store),
+        ("plan", "demo", "--format", "csv"),
+        ("plan", str(tmp_path / "missing.yaml"), "--store", store),
+        ("plan", str(tmp_path / "grid.yaml"), "--store", store),
+        ("run", str(tmp_path / "grid.yaml"), "--store", store),
+        ("run", str(tmp_path / "grid.yaml"), "--verbose", "5"),
+        ("fit", "g", "--points", points),
+        ("fit", "never-run", "--store", store),
+        ("fit", "--points", points, "--text-tokens", "-1"),
+        ("fit", "--points", points, "--flops", "0"),
+        ("fit", "--points", points, "--flops", "nan"),
+        ("fit", "--points", points, "--form", "cubic"),
+        ("fit", "--points", points, "--loss", "l1"),
+        ("fit", "g", "--n-column", "params"),
+        ("serve", "--store", store, "--port", "0"),
+        ("serve", "--store", store, "--port", "70000"),
+        ("serve", "--store", store, "--port", "http"),
+        ("serve", "--store", store, "--reload-seconds", "0"),
+        ("serve", "--store", store, "--reload-seconds", "nan"),
+        ("serve", "--store", store, "--replicas", "0"),
+        ("serve", "--store", store, "--num-cpus", "-1"),
+        ("serve", "--store", store, "--grid", "../g"),
+        ("serve", "--store", "gs://bucket"),
+        ("demo", "--port", "-1", "--store", store),
+        ("schema", "extra"),
+    ]
+    outs = run_all(cases, cwd=tmp_path)
+    for out in outs:
+        command = out.args[0]
+        assert out.returncode == 2, (out.args, out.returncode, out.stdout[-1000:], out.stderr[-2000:])
+        assert "Traceback" not in out.stderr, (out.args, out.stderr)
+        lines = out.stderr.strip().splitlines()
+        assert lines[-1].startswith(f"tokenscale {command}: error: "), (out.args, out.stderr)
+        assert len(lines) == 1 or lines[0].startswith(f"usage: tokenscale {command}"), (out.args, out.stderr)
+    by_case = {tuple(out.args): out.stderr.strip().splitlines()[-1] for out in outs}
+    # what the one-line errors say, for the checks argparse does not do
+    expected = {
+        ("serve", "--store", store, "--port", "0"): "--port 0: give a TCP port from 1 to 65535",
+        ("serve", "--store", store, "--reload-seconds", "0"): "--reload-seconds 0: give a finite number in (0, inf)",
+        ("serve", "--store", store, "--replicas", "0"): "--replicas 0: give at least 1 replica",
+        ("fit", "g", "--points", points): "give either GRID or --points FILE.csv, not both",
+        ("status", "never-run", "--store", store): "grid 'never-run' was never run with store",
+        ("resume", "never-run", "--store", store): "grid 'never-run' was never run with store",
+        ("status", "a/b", "--store", store): "GRID 'a/b' is not a valid name",
+        ("fit", "--points", points, "--text-tokens", "-1"): "--text-tokens -1: give a finite number in [0, inf)",
+    }
+    for args, words in expected.items():
+        assert words in by_case[args], (args, by_case[args])
+    assert not (tmp_path / "store").exists(), "bad input must not create the store"

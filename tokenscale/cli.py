@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from .store import LAW_N_COLUMNS, Store, StoreError
+from .store import LAW_N_COLUMNS, Store, StoreError, check_name
 
 EXIT_BAD_INPUT = 2  # the grid, a flag or a query is wrong: the message names it and the fix
 EXIT_STORE = 3  # the store could not be reached or refused (after bounded retries)
@@ -30,6 +30,31 @@ def _store(args: argparse.Namespace) -> Store:
         return Store.open(args.store)
     except ValueError as err:
         raise CLIError(f"--store: {err}") from None
+
+
+def _grid_name(name: str) -> str:
+    """A grid name in the store (resume, status): a path segment, so a safe name."""
+    try:
+        return check_name("GRID", name)
+    except ValueError as err:
+        raise CLIError(f"{err}; GRID is the name of a grid in the store, as `tokenscale run` named it") from None
+
+
+def _number(flag: str, value: float | None, *, low: float, low_inclusive: bool, high: float = math.inf,
+            what: str = "") -> None:
+    """A finite number in range, else one line naming the flag and what is accepted."""
+    if value is None:
+        return
+    above = value >= low if low_inclusive else value > low
+    if not (math.isfinite(value) and above and value <= high):
+        bracket = "[" if low_inclusive else "("
+        upper = f"{high:g}]" if math.isfinite(high) else "inf)"
+        raise CLIError(f"{flag} {value:g}: give a finite number in {bracket}{low:g}, {upper}{what}")
+
+
+def _port(flag: str, port: int) -> None:
+    if not 1 <= port <= 65535:
+        raise CLIError(f"{flag} {port}: give a TCP port from 1 to 65535")
 
 
 # ---- plan, schema, run -----------------------------------------------------------------
@@ -107,19 +132,27 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from tokenscale.orchestrator.driver import run_grid
+    from tokenscale.orchestrator.status import GRID_FILE
 
     grid = _load_grid(args.config)  # validated in full before anything starts
     store = _store(args)
+    store.exists(store.join(grid.name, GRID_FILE))  # a store that cannot be read is told before Ray is imported
+    from tokenscale.orchestrator.driver import run_grid
+
     summary = run_grid(grid, store, verbose=args.verbose)
     print(summary.line())
     return 0 if summary.errored == 0 else 1
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
+    from tokenscale.orchestrator.status import load_saved_grid  # Ray-free
+
+    store = _store(args)
+    # an unknown grid or a store that cannot be read is told before Ray is imported
+    load_saved_grid(store, _grid_name(args.grid))
     from tokenscale.orchestrator.driver import resume_grid
 
-    summary = resume_grid(_store(args), args.grid, verbose=args.verbose)
+    summary = resume_grid(store, args.grid, verbose=args.verbose)
     print(summary.line())
     return 0 if summary.errored == 0 else 1
 
@@ -127,7 +160,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from tokenscale.orchestrator.status import grid_status  # Ray-free: reads Tune's state files
 
-    rows = grid_status(_store(args), args.grid)
+    rows = grid_status(_store(args), _grid_name(args.grid))
     columns = ["trial", "llm", "V", "compressor", "seed", "status", "error"]
     _print_table(columns, [(r.name, r.llm, r.visual_tokens, r.compressor, r.seed, r.status, r.error) for r in rows], args.format)
     counts = {s: sum(r.status == s for r in rows) for s in ("done", "running", "errored", "pending")}
@@ -204,6 +237,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from tokenscale.fitting.solve import fit_law
 
     form, loss = args.form or FORMS[0], args.loss or LOSSES[0]
+    _number("--text-tokens", args.text_tokens, low=0.0, low_inclusive=True)
+    _number("--flops", args.flops, low=0.0, low_inclusive=False)
     if form not in FORMS:
         raise CLIError(f"--form {form!r}: choose one of {', '.join(FORMS)}")
     if loss not in LOSSES:
@@ -255,10 +290,20 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    # every flag checked before the store is read or Ray started
+    _port("--port", args.port)
+    _number("--reload-seconds", args.reload_seconds, low=0.0, low_inclusive=False, what=" (seconds between looks for new laws)")
+    if args.replicas < 1:
+        raise CLIError(f"--replicas {args.replicas}: give at least 1 replica")
+    _number("--num-cpus", args.num_cpus, low=0.0, low_inclusive=True, what=" (CPUs reserved per replica)")
+    if args.grid is not None:
+        _grid_name(args.grid)
+    store = _store(args)
+    # the replicas poll the laws the same way: a store that cannot be read fails here, once
+    store.laws_versions(args.grid)
     from tokenscale.orchestrator.driver import init_ray
     from tokenscale.serve.app import start
 
-    store = _store(args)
     init_ray()
     url = start(store.uri, args.grid, args.host, args.port, args.reload_seconds,
                 num_replicas=args.replicas, num_cpus=args.num_cpus)
@@ -284,6 +329,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .sql import query
 
     started = time.perf_counter()
+    _port("--port", args.port)
     grid = _load_grid(args.config)
     store = _store(args)
     print(f"[1/4] running grid {grid.name!r}: {len(grid.trials())} trials -> {store.uri}", flush=True)
@@ -419,20 +465,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--verbose", type=int, default=1, choices=[0, 1, 2])
     p.set_defaults(func=cmd_demo)
+    for command in sub.choices.values():  # a command's own usage for arguments it does not take
+        command.set_defaults(command_parser=command)
     return parser
+
+
+def _one_line(err: BaseException) -> str:
+    """Every error is one line on stderr: a multi-line message has its lines joined."""
+    return "; ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
     # GridError, FitError, BudgetError, ReadOnlyError are ValueErrors: caught without
     # importing their modules (which would cost every command torch/scipy imports).
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:  # exits 2 with the command's usage, as argparse does for its other errors
+        args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return args.func(args)
     except (CLIError, ValueError) as err:
-        print(f"tokenscale {args.command}: error: {err}", file=sys.stderr)
+        print(f"tokenscale {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except StoreError as err:  # not the user's input: the store did not answer
-        print(f"tokenscale {args.command}: store error: {err}", file=sys.stderr)
+        print(f"tokenscale {args.command}: store error: {_one_line(err)}", file=sys.stderr)
         return EXIT_STORE
     except BrokenPipeError:  # `tokenscale plan demo | head`: the reader left, nothing to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

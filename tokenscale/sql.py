@@ -8,7 +8,7 @@ from urllib.parse import urlparse
 
 import duckdb
 
-from .store import DRAW_COLUMNS, LAW_COLUMNS, RESULT_COLUMNS, Store, s3_endpoint
+from .store import DRAW_COLUMNS, LAW_COLUMNS, RESULT_COLUMNS, Store, StoreError, s3_endpoint
 
 _DUCK_TYPES = {
     "string": "VARCHAR",
@@ -64,11 +64,37 @@ def _empty_view(con: duckdb.DuckDBPyConnection, name: str, schema: tuple[tuple[s
     con.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT {columns} WHERE false")
 
 
+def store_fault(store: Store, err: duckdb.Error) -> StoreError | None:
+    """A DuckDB error that is the store's doing (httpfs could not reach it or got an error
+    answer, a store object could not be read) as a StoreError naming the store and the
+    cause; None for an error in the statement itself (the caller's input)."""
+    message = str(err)
+    ours = isinstance(err, duckdb.HTTPException) or (
+        isinstance(err, duckdb.IOException) and ("HTTP" in message or store.uri in message)
+    ) or (not store.is_s3 and len(store.uri) > 1 and store.uri in message)
+    if not ours:
+        return None
+    return store.error("read it through DuckDB", RuntimeError(message.split("\n")[0]))
+
+
 def connect(store: Store) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB with views over the store's parquet: `results` (one row per
     trial x benchmark), `laws` (one per fitted law) and `draws` (each law's bootstrap
-    parameter draws, one row per resample)."""
+    parameter draws, one row per resample). StoreError when the store cannot be listed
+    or its objects read."""
     con = duckdb.connect(":memory:")
+    try:
+        _views(con, store)
+    except duckdb.Error as err:
+        con.close()
+        raise store_fault(store, err) or err from None
+    except BaseException:
+        con.close()
+        raise
+    return con
+
+
+def _views(con: duckdb.DuckDBPyConnection, store: Store) -> None:
     if store.is_s3:
         _load_httpfs(con)
         _s3_secret(con)
@@ -87,7 +113,6 @@ def connect(store: Store) -> duckdb.DuckDBPyConnection:
             )
         else:
             _empty_view(con, view, schema)
-    return con
 
 
 class ReadOnlyError(ValueError):
@@ -98,7 +123,8 @@ _READ_STATEMENTS = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
 
 
 def query(store: Store, sql: str, read_only: bool = True):
-    """Run one statement; returns (column names, rows)."""
+    """Run one statement; returns (column names, rows). A statement DuckDB rejects raises
+    its duckdb.Error; one that fails because the store could not be read, StoreError."""
     con = connect(store)
     try:
         statements = con.extract_statements(sql)
@@ -109,8 +135,11 @@ def query(store: Store, sql: str, read_only: bool = True):
                 f"{statements[0].type.name} statements are refused: the store is read-only "
                 "here (pass --write to allow statements that write)"
             )
-        cursor = con.execute(sql)
-        columns = [d[0] for d in cursor.description] if cursor.description else []
-        return columns, cursor.fetchall() if columns else []
+        try:
+            cursor = con.execute(sql)
+            columns = [d[0] for d in cursor.description] if cursor.description else []
+            return columns, cursor.fetchall() if columns else []
+        except duckdb.Error as err:
+            raise store_fault(store, err) or err from None
     finally:
         con.close()

@@ -203,7 +203,8 @@ S3_ATTEMPTS = 4  # per request, with boto3's standard backoff
 
 
 class StoreError(OSError):
-    """The store could not be reached or answered an error; the message names the object."""
+    """The store could not be reached or answered an error: one line naming the store, what
+    was being done and the cause (the CLI prints it and exits 3)."""
 
 
 class StoreWriteError(StoreError):
@@ -221,6 +222,12 @@ def check_name(kind: str, value: str) -> str:
             "(at most 100 characters, starting with a letter or digit)"
         )
     return value
+
+
+def one_line(err: BaseException | str, limit: int = 400) -> str:
+    """An error's message on one line (whitespace runs collapsed), at most `limit` characters."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def resolve_store(uri: str | None) -> str:
@@ -330,28 +337,55 @@ class Store:
         parsed = urlparse(key)
         return parsed.netloc, parsed.path.lstrip("/")
 
+    def error(self, action: str, err: BaseException, kind: type[StoreError] = StoreError) -> StoreError:
+        """`err` (a botocore, pyarrow, DuckDB or OS error) as a StoreError naming this store,
+        what was being done and the cause, on one line. A connection that failed was retried
+        (S3_ATTEMPTS in all, boto3's backoff) before it got here; an S3 error answer was not."""
+        if isinstance(err, StoreError):
+            return err
+        retried = ""
+        if self.is_s3:
+            from botocore.exceptions import BotoCoreError
+
+            if isinstance(err, BotoCoreError):
+                retried = f" after {S3_ATTEMPTS} attempts"
+        return kind(f"store {self.uri}: could not {action}{retried}: {one_line(err)}")
+
+    def _io_errors(self) -> tuple[type[BaseException], ...]:
+        """What a read or write of this store raises when the store fails it."""
+        if not self.is_s3:
+            return (OSError,)
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        return OSError, BotoCoreError, ClientError
+
     def put_bytes(self, key: str, data: bytes) -> None:
         """Write one whole object: a single PUT on S3 (all or nothing), write-then-rename
         locally. Raises StoreWriteError when the store cannot be reached."""
         if self.is_s3:
-            from botocore.exceptions import BotoCoreError, ClientError
-
             bucket, path = self._split(key)
             try:
                 self._s3().put_object(Bucket=bucket, Key=path, Body=data)
-            except (BotoCoreError, ClientError) as err:
+            except self._io_errors() as err:
                 raise StoreWriteError(
-                    f"could not write {key} after {S3_ATTEMPTS} attempts ({err}); nothing was "
-                    "written; once the store is reachable, `tokenscale resume` redoes it"
+                    f"store {self.uri}: could not write {key} after {S3_ATTEMPTS} attempts ({one_line(err)}); "
+                    "nothing was written; once the store is reachable, `tokenscale resume` redoes it"
                 ) from None
             return
-        write_atomically(key, lambda f: f.write(data))  # readers see the old object or the new one
+        try:
+            write_atomically(key, lambda f: f.write(data))  # readers see the old object or the new one
+        except OSError as err:
+            raise self.error(f"write {key} (nothing was written)", err, StoreWriteError) from None
 
     def get_bytes(self, key: str) -> bytes:
-        if self.is_s3:
-            bucket, path = self._split(key)
-            return self._s3().get_object(Bucket=bucket, Key=path)["Body"].read()
-        return Path(key).read_bytes()
+        """One whole object; StoreError naming the store and the cause when it cannot be read."""
+        try:
+            if self.is_s3:
+                bucket, path = self._split(key)
+                return self._s3().get_object(Bucket=bucket, Key=path)["Body"].read()
+            return Path(key).read_bytes()
+        except self._io_errors() as err:
+            raise self.error(f"read {key}", err) from None
 
     def exists(self, key: str) -> bool:
         if self.is_s3:
@@ -364,24 +398,30 @@ class Store:
             except ClientError as err:
                 if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                     return False
-                raise StoreError(f"could not check {key}: {err}") from None
+                raise self.error(f"check {key}", err) from None
             except BotoCoreError as err:
-                raise StoreError(f"could not reach the store for {key} after {S3_ATTEMPTS} attempts: {err}") from None
-        return Path(key).exists()
+                raise self.error(f"check {key}", err) from None
+        try:
+            return Path(key).exists()
+        except OSError as err:
+            raise self.error(f"check {key}", err) from None
 
     def list(self, prefix: str, suffix: str = "") -> list[str]:
-        """Keys under a prefix (full URIs), sorted."""
-        if self.is_s3:
-            bucket, path = self._split(prefix.rstrip("/") + "/")
-            paginator = self._s3().get_paginator("list_objects_v2")
-            keys = [
-                f"s3://{bucket}/{obj['Key']}"
-                for page in paginator.paginate(Bucket=bucket, Prefix=path)
-                for obj in page.get("Contents", [])
-            ]
-        else:
-            root = Path(prefix)
-            keys = [str(p) for p in root.rglob("*") if p.is_file()] if root.exists() else []
+        """Keys under a prefix (full URIs), sorted; StoreError when the store cannot be listed."""
+        try:
+            if self.is_s3:
+                bucket, path = self._split(prefix.rstrip("/") + "/")
+                paginator = self._s3().get_paginator("list_objects_v2")
+                keys = [
+                    f"s3://{bucket}/{obj['Key']}"
+                    for page in paginator.paginate(Bucket=bucket, Prefix=path)
+                    for obj in page.get("Contents", [])
+                ]
+            else:
+                root = Path(prefix)
+                keys = [str(p) for p in root.rglob("*") if p.is_file()] if root.exists() else []
+        except self._io_errors() as err:
+            raise self.error(f"list {prefix}", err) from None
         return sorted(k for k in keys if k.endswith(suffix) and not Path(k).name.startswith("."))
 
     def grids(self) -> list[str]:
@@ -391,7 +431,10 @@ class Store:
             base = self.uri.rstrip("/") + "/"
             return sorted({k[len(base):].split("/")[0] for k in keys if "/results/" in k})
         root = Path(self.uri)
-        return sorted(p.name for p in root.iterdir() if (p / "results").is_dir()) if root.exists() else []
+        try:
+            return sorted(p.name for p in root.iterdir() if (p / "results").is_dir()) if root.exists() else []
+        except OSError as err:
+            raise self.error(f"list the grids in {self.uri}", err) from None
 
     def write_table(self, key: str, rows: Iterable[dict], schema: pa.Schema) -> None:
         import pyarrow as pa
@@ -403,9 +446,15 @@ class Store:
         self.put_bytes(key, buffer.getvalue())
 
     def read_table(self, key: str) -> pa.Table:
+        """One parquet object; StoreError when it cannot be read or is not parquet."""
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        return pq.read_table(io.BytesIO(self.get_bytes(key)))
+        data = self.get_bytes(key)
+        try:
+            return pq.read_table(io.BytesIO(data))
+        except (pa.ArrowException, OSError) as err:
+            raise self.error(f"read {key} as parquet", err) from None
 
     # ---- the two record kinds ---------------------------------------------------------
     def write_results(self, grid: str, compressor: str, config_hash: str, rows: list[dict]) -> str:
@@ -456,14 +505,17 @@ class Store:
         rename / one PUT, so a refit always changes it."""
         if not self.is_s3:
             root = Path(self.uri)
-            grids = [grid] if grid else sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
-            out = []
-            for g in grids:
-                try:
-                    st = Path(self.laws_key(g)).stat()
-                except (FileNotFoundError, NotADirectoryError):
-                    continue
-                out.append((g, st.st_ino, st.st_mtime_ns, st.st_size))
+            try:
+                grids = [grid] if grid else sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+                out = []
+                for g in grids:
+                    try:
+                        st = Path(self.laws_key(g)).stat()
+                    except (FileNotFoundError, NotADirectoryError):
+                        continue
+                    out.append((g, st.st_ino, st.st_mtime_ns, st.st_size))
+            except OSError as err:
+                raise self.error("check the laws", err) from None
             return tuple(out)
         from botocore.exceptions import BotoCoreError, ClientError
 
@@ -489,4 +541,4 @@ class Store:
                 out.append((g, head.get("ETag"), str(head.get("LastModified")), head.get("ContentLength")))
             return tuple(out)
         except (BotoCoreError, ClientError) as err:
-            raise StoreError(f"could not check the laws in {self.uri}: {err}") from None
+            raise self.error("check the laws", err) from None
