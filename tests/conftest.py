@@ -140,6 +140,12 @@ class TcpProxy:
 
     def stop(self) -> None:
         if self._server is not None:
+            # shut down before closing: on Linux, close() alone does not wake the thread
+            # blocked in accept(), which would let one more connection through
+            try:
+                self._server.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             self._server.close()
             self._server = None
         for conn in self._conns:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,15 +32,6 @@ BENCHMARKS = {"reasoning": ["color", "digits"]}
 
 
 def stop_proxy(proxy: TcpProxy) -> None:
-    """`proxy.stop()`, with its listening socket shut down first: on Linux, closing a socket
-    does not wake the thread blocked in accept(), which would let one more connection
-    through to the store that is supposed to be down."""
-    server = proxy._server
-    if server is not None:
-        try:
-            server.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
     proxy.stop()
 
 
