@@ -69,3 +69,21 @@ def test_split_masks_and_positions():
     assert (split.question_mask()[:, :2] == 0).all() and (split.question_mask()[:, 2:] == 1).all()
     assert positions(torch.tensor([[0, 0, 1, 1, 1]])).tolist() == [[0, 0, 0, 1, 2]]
     assert positions(torch.tensor([[1, 1, 0, 1]])).tolist() == [[0, 1, 1, 2]], "a pad in the middle does not shift what follows"
+
+
+def test_a_checkpoint_lm_trains_in_train_mode_with_gradient_checkpointing(tmp_path):
+    """from_pretrained hands back an eval-mode LM, where transformers skips gradient
+    checkpointing: the trainer's model must be in train mode with checkpointing on."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from tokenscale.config import LLMSpec
+    from tokenscale.workers.train import _build_model
+
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(tmp_path / "lm")
+    trial = parse_grid(tiny_grid("gc", llms=1, visual_tokens=(4,), train={"stage2_steps": 1, "gradient_checkpointing": True})).trials()[0]
+    trial = trial.model_copy(update={"llm": LLMSpec(name="lm", path=str(tmp_path / "lm"))})
+    model = _build_model(trial, torch.device("cpu"), torch.float32)
+    assert model.training and model.llm.training
+    assert model.llm.is_gradient_checkpointing
+    assert all(layer.training for layer in model.llm.model.layers)

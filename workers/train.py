@@ -478,7 +478,9 @@ def _build_model(trial: TrialConfig, device: torch.device, dtype: torch.dtype) -
     with the LM's attention kernel and gradient checkpointing as the trial asks; seeded, so
     every rank and every rebuild starts from the same weights."""
     torch.manual_seed(trial.seed)
-    model = VLM(trial, dtype=dtype).to(device)
+    # train mode: from_pretrained returns its modules in eval mode, where transformers skips
+    # gradient checkpointing (and the LM would train without its dropout)
+    model = VLM(trial, dtype=dtype).to(device).train()
     if trial.train.gradient_checkpointing:
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
