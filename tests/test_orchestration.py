@@ -3,6 +3,7 @@ and `tokenscale resume`; each test starts and stops its own Ray."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -43,31 +44,57 @@ def _find_process(marker: str) -> psutil.Process | None:
     return None
 
 
-# The process that trains: a Ray Train worker (Train's FailureConfig restarts the worker
-# group) or, in_trial, the Tune trial's own process (Tune's FailureConfig retries the trial).
+def _checkpoint_steps(ray_dir: Path) -> dict[str, tuple[int, int]]:
+    """The trial's checkpoints in Ray's storage (Train's `train/<trial>/checkpoint_*` or
+    Tune's `tune/<trial>/checkpoint_*`), by folder: (stage, step) from their state.json."""
+    found = {}
+    for path in ray_dir.glob("*/*/checkpoint_*/state.json"):
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, ValueError):  # being written, or deleted
+            continue
+        found[path.parent.name] = (state["stage"], state["step"])
+    return found
+
+
+_REFERENCE: dict[str, tuple[dict, list[dict]]] = {}  # config hash -> the unkilled run's (metrics, rows)
+
+
+# The process that trains: a Ray Train worker (its group fails, which fails the Tune trial;
+# Tune's retry starts a new group, which Train restores from its last checkpoint) or,
+# in_trial, the Tune trial's own process (Tune retries the trial from its last checkpoint).
 @pytest.mark.parametrize("execution, marker", [("workers", "RayTrainWorker"), ("in_trial", "ImplicitFunc")])
-def test_killed_train_worker_restarts_and_trial_completes(tmp_path, execution, marker):
+def test_killed_train_worker_resumes_at_its_checkpoint_step(tmp_path, execution, marker):
+    from test_distributed import train_in_process, tune_trials
+
+    every = 400  # checkpoints: stage 1's end, stage 2 at 400 and 800 (kill here), none at 1200 (the end)
+    resume_step = 2 * every
     grid = parse_grid(tiny_grid(
         "killworker", llms=1, visual_tokens=(4,), max_failures=2,
-        train={"zero_stage": 1, "micro_batch": 8, "stage1_steps": 2, "stage2_steps": 1500},  # stage 2 outlasts the killer's 4 s wait
+        train={"zero_stage": 1, "micro_batch": 8, "stage1_steps": 2, "stage2_steps": 3 * every, "checkpoint_every": every},
         resources={"workers": 1, "cpus_per_worker": 1, "execution": execution},
     ))
+    trial = grid.trials()[0]
     store = Store.open(str(tmp_path / "store"))
-    ray_dir = tmp_path / "store" / "killworker"  # train/<trial>/checkpoint_* or tune/<trial>/checkpoint_*
+    ray_dir = tmp_path / "store" / "killworker"
     killed: list[int] = []
 
     def killer() -> None:
-        # kill the worker in stage 2, once stage 1's checkpoint is in the store
-        deadline = time.time() + 240
-        while time.time() < deadline and not killed:
-            worker = _find_process(marker)
-            if worker is not None and any(ray_dir.glob("*/*/checkpoint_*/stage1.pt")):
-                time.sleep(4)  # the controller registers the reported checkpoint
-                if worker.is_running():
+        # The event: stage 2's checkpoint at `resume_step` is in Ray's storage and Ray has
+        # registered it as the trial's latest. Registering it, the third, deleted the first
+        # (stage 1's end; 2 are kept), which happens only after the reporting worker handed
+        # it over: a worker killed before that would resume from the step before. Then
+        # `every` steps of training are left to kill it in.
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            steps = set(_checkpoint_steps(ray_dir).values())
+            if (2, resume_step) in steps and all(stage == 2 for stage, _ in steps):
+                worker = _find_process(marker)
+                if worker is not None:
                     worker.send_signal(signal.SIGKILL)
                     killed.append(worker.pid)
                 return
-            time.sleep(0.2)
+            time.sleep(0.05)
 
     init_ray()
     try:
@@ -77,11 +104,26 @@ def test_killed_train_worker_restarts_and_trial_completes(tmp_path, execution, m
         thread.join(timeout=5)
     finally:
         ray.shutdown()
-    assert killed, f"the training process ({marker}) was never seen, so nothing was killed"
+    assert killed, f"the training process ({marker}) was not found once step {resume_step}'s checkpoint was registered"
     assert summary.errored == 0 and summary.finished == 1, summary
-    assert summary.trial_metrics[0]["resumed_from_stage"] == 1, "the restarted worker continued from stage 1's checkpoint"
+    metrics = summary.trial_metrics[0]
+    assert (metrics["resumed_from_stage"], metrics["resumed_from_step"]) == (2, resume_step)
+    assert tune_trials(ray_dir / "tune")[trial.trial_id] == {"status": "TERMINATED", "num_failures": 1}, "one kill, one retry"
     _, rows = query(store, "select count(*), count(distinct config_hash) from results")
     assert rows == [(2, 1)]
+
+    # The same trial unbroken, in this process (one worker, one thread, as the killed one):
+    # the resumed run restarts from the exact fp32 weights, Adam moments, LR schedule and
+    # RNG state, on the same examples (a function of the step), so the numbers are the same
+    # bit for bit (as observed); rel 1e-6 leaves room for last-bit noise only, and the
+    # scores (counts of exact answers) must be equal.
+    if trial.config_hash not in _REFERENCE:
+        _REFERENCE[trial.config_hash] = train_in_process(trial)
+    expected, expected_rows = _REFERENCE[trial.config_hash]
+    for key in ("stage2_loss", "last_step_loss", "mean_score"):
+        assert metrics[key] == pytest.approx(expected[key], rel=1e-6, abs=1e-12), key
+    stored = store.read_results("killworker").to_pylist()
+    assert sorted((r["benchmark"], r["score"]) for r in stored) == sorted((r["benchmark"], r["score"]) for r in expected_rows)
 
 
 def test_driver_killed_then_resume_runs_only_missing_trials(tmp_path):
