@@ -182,14 +182,22 @@ class GridSummary:
         )
 
 
-def init_ray(spare_cpu: bool = True) -> None:
-    """Join the cluster when there is one (`ray job submit` sets RAY_ADDRESS), else start
-    a local Ray bound to loopback."""
+def init_ray(spare_cpu: bool = True, address: str | None = None) -> None:
+    """Start or join Ray, and which one is explicit:
+
+    - `address`, else RAY_ADDRESS (`ray job submit` sets it for its entrypoint; `tokenscale
+      run|resume|demo|serve --address ADDRESS` sets it): join that cluster (its GCS
+      `host:port`, `auto` for the head a `ray start` recorded on this machine, `ray://...`);
+    - else (or `local`) a private local Ray for this process alone: `address="local"`, so
+      neither a live head that `ray start` recorded in Ray's temp dir, nor the stale record
+      of a dead one, nor any other Ray running on the machine is joined (with no address,
+      `ray.init` would join the recorded head and refuse our `num_cpus`)."""
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
+    if address != "local":
+        ray.init(address=address, log_to_driver=True)
     else:
         # spare_cpu: one logical CPU more than the machine has, for trials that train in a
         # worker group: each Tune trial process holds 0.01 CPU while it waits on it, and
@@ -197,6 +205,7 @@ def init_ray(spare_cpu: bool = True) -> None:
         # worker would wait for the first trial to end. In-trial trials hold a whole CPU
         # each and need no spare (it would let one more trial train than there are cores).
         ray.init(
+            address="local",
             num_cpus=(os.cpu_count() or 1) + int(spare_cpu),
             include_dashboard=False,
             log_to_driver=True,

@@ -1,18 +1,12 @@
 """The whole path for real: Ray Tune -> Ray Train + DeepSpeed -> parquet in S3 (moto) ->
-DuckDB over s3:// -> fit -> Ray Serve over HTTP; and `ray job submit -- tokenscale run`."""
+DuckDB over s3:// -> fit -> Ray Serve over HTTP. `ray job submit -- tokenscale run` is
+tests/test_job_submit.py's."""
 
 from __future__ import annotations
-
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import ray
 import requests
-import yaml
 from conftest import free_port, tiny_grid
 
 from tokenscale.config import parse_grid
@@ -78,38 +72,6 @@ def test_grid_to_s3_to_duckdb_to_fit_to_serve(s3_endpoint, local_ray, tmp_path):
     assert bad.status_code == 400 and "cheapest candidate" in bad.json()["error"]
     bad = requests.get(f"{url}/optimal", params={"flops": 1e12, "task": "poetry"}, timeout=30)
     assert bad.status_code == 400 and "reasoning" in bad.json()["error"]
-
-
-def test_ray_job_submit_runs_a_grid(tmp_path):
-    """`ray job submit -- tokenscale run` against a local Ray head on loopback."""
-    bin_dir = Path(sys.executable).parent
-    ray_exe = str(bin_dir / "ray")
-    dashboard_port, gcs_port = free_port(), free_port()
-    env = {**os.environ, "RAY_ADDRESS": ""}
-    env.pop("RAY_ADDRESS")
-    grid_file = tmp_path / "job.yaml"
-    grid_file.write_text(yaml.safe_dump(tiny_grid("job", llms=1, visual_tokens=(4,))))
-    store_dir = tmp_path / "store"
-    subprocess.run(
-        [ray_exe, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs_port),
-         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port), "--num-cpus", "2",
-         "--disable-usage-stats"],
-        check=True, env=env, capture_output=True, timeout=120,
-    )
-    try:
-        job = subprocess.run(
-            [ray_exe, "job", "submit", "--address", f"http://127.0.0.1:{dashboard_port}", "--working-dir", str(tmp_path),
-             "--", str(bin_dir / "tokenscale"), "run", "job.yaml", "--store", str(store_dir), "--verbose", "0"],
-            env=env, capture_output=True, text=True, timeout=600,
-        )
-        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
-        assert "succeeded" in job.stdout
-        assert "1/1 trials done" in job.stdout
-    finally:
-        subprocess.run([ray_exe, "stop", "--force"], env=env, capture_output=True, timeout=120)
-    columns, rows = query(Store.open(str(store_dir)), "select count(*), any_value(grid) from results")
-    assert rows == [(2, "job")]
-    assert json.loads(json.dumps(columns)) == ["count_star()", "any_value(grid)"]
 
 
 def test_query_based_compressors_run_through_real_trials(local_ray, tmp_path):

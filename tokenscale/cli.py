@@ -400,10 +400,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     store_help = "s3://bucket/prefix or a directory (default $TOKENSCALE_STORE or ./tokenscale-store)"
 
+    class JoinRay(argparse.Action):
+        """--address: the Ray to use, handed to init_ray as RAY_ADDRESS, as `ray job submit`
+        hands it to its entrypoint (grid validation then skips the local node-size check)."""
+
+        def __call__(self, parser, namespace, values, option_string=None):
+            os.environ["RAY_ADDRESS"] = values
+            setattr(namespace, self.dest, values)
+
+    address = {
+        "action": JoinRay, "metavar": "ADDRESS",
+        "help": "the Ray cluster to join: its GCS host:port, or `auto` for the head `ray start` started on "
+                "this machine (default: $RAY_ADDRESS, set by `ray job submit`; without either, a private "
+                "local Ray that joins nothing)",
+    }
+
     p = sub.add_parser("run", help="run a grid (what `ray job submit -- tokenscale run` runs)")
     p.add_argument("config", help="grid YAML")
     p.add_argument("--store", help=store_help)
     p.add_argument("--verbose", type=int, default=1, choices=[0, 1, 2], help="Tune progress output")
+    p.add_argument("--address", **address)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("plan", help="validate a grid in full and list its trials, costs and what the store has (no Ray)")
@@ -419,6 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("grid", help="grid name in the store")
     p.add_argument("--store", help=store_help)
     p.add_argument("--verbose", type=int, default=1, choices=[0, 1, 2], help="Tune progress output")
+    p.add_argument("--address", **address)
     p.set_defaults(func=cmd_resume)
 
     p = sub.add_parser("status", help="done / running / errored / pending per trial of a grid")
@@ -457,6 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reload-seconds", type=float, default=5.0, help="how often to look for new laws")
     p.add_argument("--replicas", type=int, default=1, help="Serve replicas (each loads the store and polls it)")
     p.add_argument("--num-cpus", type=float, default=0.1, help="CPUs reserved per replica")
+    p.add_argument("--address", **address)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="run the demo grid, fit, serve, ask /optimal once")
@@ -464,6 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", help=store_help)
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--verbose", type=int, default=1, choices=[0, 1, 2])
+    p.add_argument("--address", **address)
     p.set_defaults(func=cmd_demo)
     for command in sub.choices.values():  # a command's own usage for arguments it does not take
         command.set_defaults(command_parser=command)
