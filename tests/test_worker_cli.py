@@ -158,3 +158,24 @@ def test_trial_from_a_grid_yaml(tmp_path):
     with pytest.raises(GridError, match="visual_tokens"):
         select_trial(str(bad), None)
     assert main([str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_a_late_resume_reports_the_losses_of_an_unbroken_run(tmp_path):
+    """Resumed 4 steps before the end of stage 2, the trial reports the same stage-2 loss
+    (the mean of its last 10 steps, 6 of them from before the checkpoint) as an unbroken run."""
+    trial = _trial(train={"stage2_steps": 12, "checkpoint_every": 8})
+    config = tmp_path / "trial.yaml"
+    config.write_text(yaml.safe_dump(trial.to_dict()))
+    finals = []
+    for _ in range(2):  # the first run leaves its checkpoints in the folder; the second resumes at step 8
+        run = subprocess.run(
+            [str(BIN / "python"), "-m", "tokenscale.workers", str(config), "--checkpoint-dir", str(tmp_path / "ckpt")],
+            capture_output=True, text=True, timeout=180, env=_env(), cwd=tmp_path,
+        )
+        assert run.returncode == 0, run.stderr[-3000:]
+        line = next(line for line in run.stderr.splitlines() if '"stage2_loss"' in line)
+        finals.append(json.loads(line[line.index("{"):]))
+    unbroken, resumed = finals
+    assert (unbroken["resumed_from_stage"], resumed["resumed_from_stage"], resumed["resumed_from_step"]) == (0, 2, 8)
+    for key in ("stage1_loss", "stage2_loss", "last_step_loss", "mean_score"):
+        assert resumed[key] == pytest.approx(unbroken[key], rel=1e-6), key

@@ -245,6 +245,7 @@ class Progress:
     step: int = 0  # optimizer steps done in `stage`
     stage1_loss: float = float("nan")
     tag: str = ""  # DeepSpeed's checkpoint tag
+    recent_losses: list[float] = dataclasses.field(default_factory=list)  # the stage's last 10 step losses
 
     @classmethod
     def read(cls, checkpoint_dir: str | None) -> Progress | None:
@@ -270,14 +271,15 @@ def run_stage(
     start_step: int,
     device: torch.device,
     dtype: torch.dtype,
-    checkpoint: Callable[[int, float], None] | None,
+    checkpoint: Callable[[int, list[float]], None] | None,
+    previous_losses: list[float] | None = None,
 ) -> list[float]:
-    """Optimizer steps `start_step`..`stage.steps` of one stage; returns each step's loss,
-    the mean over all workers. Each step's global batch mixes benchmarks; this worker
+    """Optimizer steps `start_step`..`stage.steps` of one stage; returns each step's loss
+    (the mean over all workers), after `previous_losses` (a resumed stage's last ones). Each step's global batch mixes benchmarks; this worker
     runs its share as `stage.accumulation` micro-batches (DeepSpeed steps the optimizer at
     the last). `checkpoint(step, loss)` runs after every `train.checkpoint_every` steps."""
     every = trial.train.checkpoint_every
-    losses: list[float] = []
+    losses: list[float] = list(previous_losses or [])
     for step in range(start_step, stage.steps):
         indices = global_batch_indices(trial.seed, stage.number, step, len(pool), stage.global_batch)
         micro_losses = []
@@ -285,7 +287,7 @@ def run_stage(
             micro_losses.append(stage_step(engine, pool, index, device, dtype).item())
         losses.append(_mean_over_workers(float(np.mean(micro_losses)), world_size, device))
         if checkpoint is not None and every and (step + 1) % every == 0 and step + 1 < stage.steps:
-            checkpoint(step + 1, float(np.mean(losses[-10:])))
+            checkpoint(step + 1, losses[-10:])
     return losses
 
 
@@ -541,21 +543,23 @@ def train_and_evaluate(
                 torch.set_rng_state(client_state["torch_rng"])
             start_step = resumed.step
 
-        def save(step: int, loss: float, engine=engine, number=number) -> None:
+        def save(step: int, recent: list[float], engine=engine, number=number) -> None:
             if checkpoint is not None:
-                checkpoint(engine, Progress(number, step, losses[1] if number == 2 else loss, f"stage{number}-step{step}"))
+                stage1_loss = losses[1] if number == 2 else _tail_mean(recent)
+                checkpoint(engine, Progress(number, step, stage1_loss, f"stage{number}-step{step}", list(recent)))
 
+        resumed_here = resumed is not None and resumed.stage == number
         step_losses = run_stage(
             engine, trial, stage, pool, rank=rank, world_size=world_size, start_step=start_step,
-            device=device, dtype=dtype, checkpoint=save,
+            device=device, dtype=dtype, checkpoint=save, previous_losses=resumed.recent_losses if resumed_here else None,
         )
         last_loss = step_losses[-1] if step_losses else last_loss
         # a checkpoint taken at stage 1's end resumes with nothing left of it to run
-        stage1_was_done = number == 1 and resumed is not None and resumed.stage == 1 and start_step == stage.steps
+        stage1_was_done = number == 1 and resumed_here and start_step == stage.steps
         losses[number] = resumed.stage1_loss if stage1_was_done else _tail_mean(step_losses)
         if number == 1:
             if checkpoint is not None and not stage1_was_done:
-                checkpoint(engine, Progress(1, stage.steps, losses[1], f"stage1-step{stage.steps}"))
+                checkpoint(engine, Progress(1, stage.steps, losses[1], f"stage1-step{stage.steps}", step_losses[-10:]))
             carried = _trainable_state(engine, stage.zero_stage)
             engine.destroy()
             engine = None
