@@ -12,6 +12,7 @@ from conftest import REPO
 
 from tokenscale.cli import build_parser
 from tokenscale.config import load_grid
+from tokenscale.configs import grid_path
 
 INFRA = REPO / "infra"
 
@@ -80,7 +81,9 @@ def test_entrypoints_exist():
     argv = shlex.split(job["spec"]["entrypoint"])
     assert argv[:2] == ["tokenscale", "run"]
     args = build_parser().parse_args(argv[1:])  # the CLI accepts it as written
-    assert (REPO / args.config).is_file() and args.store.startswith("s3://")
-    load_grid(REPO / args.config)
+    assert grid_path(args.config) == grid_path("paper") and args.store.startswith("s3://")
+    load_grid(grid_path(args.config))  # the packaged grid, as the image installs it
+    assert "runtimeEnvYAML" not in job["spec"], "an uploaded checkout would hide the installed package"
     header = (INFRA / "aws-cluster.yaml").read_text()
-    assert "ray job submit" in header and "tokenscale run configs/paper.yaml" in header
+    assert "ray job submit" in header and "--working-dir configs -- \\\n#       tokenscale run paper.yaml" in header
+    assert (REPO / "configs" / "paper.yaml").is_file() and "RAY_AUTH_MODE=token" in header
