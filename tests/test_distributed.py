@@ -385,3 +385,22 @@ def test_checkpoints_hold_only_trainable_state(tmp_path, monkeypatch):
         assert scripts <= {"zero_to_fp32.py", "zero_to_torch.py"}, scripts
         state_bytes = sum(p.stat().st_size for p in files if p.suffix != ".py")
         assert state_bytes <= 16 * trainable + 32 * 1024, (tag, state_bytes, trainable)
+
+
+def test_a_zero3_trial_leaves_the_next_trial_in_its_process_unchanged():
+    """ZeRO-3 swaps torch.nn.functional.linear for its own version process-wide; a reused
+    trial process (in_trial) would train every later trial with it. The trainer puts the
+    original back: a ZeRO-1 trial gives the same numbers before and after a ZeRO-3 one."""
+    import torch
+
+    raw = tiny_grid("reuse", llms=1, visual_tokens=(4,), train={"micro_batch": 8, "stage1_steps": 2, "stage2_steps": 6})
+    zero1 = parse_grid(raw).trials()[0]
+    raw["train"].update({"stage1_zero_stage": 2, "stage2_zero_stage": 3})
+    zero3 = parse_grid(raw).trials()[0]
+    linear = torch.nn.functional.linear
+    before, _ = train_in_process(zero1)
+    train_in_process(zero3)
+    assert torch.nn.functional.linear is linear, "ZeRO-3's linear left in place"
+    after, _ = train_in_process(zero1)
+    for key in ("stage1_loss", "stage2_loss", "last_step_loss", "mean_score"):
+        assert after[key] == before[key], key

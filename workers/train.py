@@ -291,6 +291,19 @@ def run_stage(
     return losses
 
 
+def release(engine: Any) -> None:
+    """Destroy a stage's engine (its hooks and optimizer state: an in-trial process runs many
+    trials) and undo what ZeRO-3 changed for the whole process: it swaps
+    torch.nn.functional.linear for its own memory-efficient version and leaves it there,
+    which would change the numbers of every later trial in the process."""
+    engine.destroy()
+    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses
+
+    original = getattr(InsertPostInitMethodToModuleSubClasses, "linear_bk", None)
+    if original is not None:
+        torch.nn.functional.linear = original
+
+
 def _tail_mean(losses: list[float]) -> float:
     return float(np.mean(losses[-10:])) if losses else float("nan")
 
@@ -561,7 +574,7 @@ def train_and_evaluate(
             if checkpoint is not None and not stage1_was_done:
                 checkpoint(engine, Progress(1, stage.steps, losses[1], f"stage1-step{stage.steps}", step_losses[-10:]))
             carried = _trainable_state(engine, stage.zero_stage)
-            engine.destroy()
+            release(engine)
             engine = None
     train_seconds = time.perf_counter() - started
 
@@ -584,8 +597,7 @@ def train_and_evaluate(
         )
         metrics["mean_score"] = float(np.mean([s.score for s in scores]))
     if engine is not None:
-        # release hooks and optimizer state now: an in-trial process runs many trials
-        engine.destroy()
+        release(engine)
     return metrics
 
 
@@ -596,13 +608,14 @@ def single_process_group(backend: str) -> None:
     in the same process."""
     import torch.distributed as dist
 
+    # the torch launcher's variables (DeepSpeed reads LOCAL_RANK itself), also when the
+    # group is already there: something in the process may have cleared them since
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
     if dist.is_initialized():
         if dist.get_backend() != backend:
             raise RuntimeError(f"torch.distributed already runs {dist.get_backend()!r} in this process, not {backend!r}")
         return
-    # the torch launcher's variables (DeepSpeed reads LOCAL_RANK itself); an in-memory
-    # store: a world of one needs no rendezvous, so no port is opened
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+    # an in-memory store: a world of one needs no rendezvous, so no port is opened
     dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
