@@ -179,3 +179,24 @@ def test_a_late_resume_reports_the_losses_of_an_unbroken_run(tmp_path):
     assert (unbroken["resumed_from_stage"], resumed["resumed_from_stage"], resumed["resumed_from_step"]) == (0, 2, 8)
     for key in ("stage1_loss", "stage2_loss", "last_step_loss", "mean_score"):
         assert resumed[key] == pytest.approx(unbroken[key], rel=1e-6), key
+
+
+def test_a_pretrained_tower_is_built_once_and_cached(tmp_path):
+    """The demo's path: a tiny tower pretrained on dense scene labels, then frozen, cached
+    under $TOKENSCALE_CACHE by what its pretraining depends on."""
+    trial = _trial(vision={"pretrain_steps": 3, "pretrain_batch": 8, "pretrain_examples": 16})
+    assert trial.vision.frozen
+    config = tmp_path / "trial.yaml"
+    config.write_text(yaml.safe_dump(trial.to_dict()))
+    env = {**_env(), "TOKENSCALE_CACHE": str(tmp_path / "cache")}
+    outputs = []
+    for _ in range(2):
+        run = subprocess.run(
+            [str(BIN / "python"), "-m", "tokenscale.workers", str(config), "--format", "jsonl"],
+            capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path,
+        )
+        assert run.returncode == 0, run.stderr[-3000:]
+        outputs.append([json.loads(line)["score"] for line in run.stdout.splitlines()])
+    towers = list((tmp_path / "cache" / "towers").glob("tinyvit-*.pt"))
+    assert len(towers) == 1, "pretrained once, then read from the cache"
+    assert outputs[0] == outputs[1], "the cached tower trains the same trial to the same scores"

@@ -7,7 +7,6 @@ loads the LM and a CLIP vision tower with `from_pretrained` from a path in the g
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -80,7 +79,8 @@ _LABEL_CLASSES = (len(benchmarks.INK) + 1, len(benchmarks.SHAPES) + 1, len(bench
 
 
 def _pretrain_key(spec: VisionSpec, data_seed: int) -> str:
-    fields = {k: v for k, v in dataclasses.asdict(spec).items() if k not in ("path", "freeze")}
+    # what the tower's pretraining depends on (not how its tokens are normalised or whether it stays frozen)
+    fields = spec.model_dump(mode="json", exclude={"path", "freeze", "token_norm"})
     blob = json.dumps({"vision": fields, "data_seed": data_seed, "generator": benchmarks.GENERATOR_VERSION}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
