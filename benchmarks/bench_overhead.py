@@ -16,13 +16,12 @@ Usage: python benchmarks/bench_overhead.py [--config configs/demo.yaml] [--trial
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import tempfile
 import time
 
 import ray
 
-from tokenscale.config import Grid, load_grid
+from tokenscale.config import Grid, grid_to_dict, load_grid, parse_grid
 from tokenscale.orchestrator.driver import init_ray, run_grid
 from tokenscale.sql import query
 from tokenscale.store import Store
@@ -47,8 +46,10 @@ def run(grid: Grid, n_trials: int, execution: str) -> None:
     trials = grid.trials()[:n_trials]
     keep_llms = tuple(dict.fromkeys(t.llm for t in trials))
     keep_tokens = tuple(dict.fromkeys(t.visual_tokens for t in trials))
-    resources = dataclasses.replace(grid.resources, execution=execution)
-    grid = dataclasses.replace(grid, grid=f"bench-overhead-{execution}", llms=keep_llms, visual_tokens=keep_tokens, resources=resources)
+    resources = grid.resources.model_copy(update={"execution": execution})
+    grid = parse_grid(grid_to_dict(grid.model_copy(update={
+        "grid": f"bench-overhead-{execution}", "llms": keep_llms, "visual_tokens": keep_tokens, "resources": resources,
+    })))  # validated again, as `tokenscale run` would
     n = len(grid.trials())
     concurrency = min(grid.max_concurrent_trials, n)
 
