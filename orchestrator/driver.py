@@ -173,12 +173,14 @@ class GridSummary:
     wall_seconds: float
     results: str
     trial_metrics: list[dict] = field(default_factory=list)  # last metrics Tune saw per trial
+    restored_from: str = ""  # `resume`: the Tune experiment it restored (empty: ran afresh)
 
     def line(self) -> str:
+        restored = f"; restored Tune's experiment from {self.restored_from}" if self.restored_from else ""
         return (
             f"grid {self.grid}: {self.finished + self.already_done}/{self.trials} trials done "
             f"({self.already_done} already in the store), {self.errored} errored, "
-            f"{self.wall_seconds:.0f}s wall; results in {self.results}"
+            f"{self.wall_seconds:.0f}s wall; results in {self.results}{restored}"
         )
 
 
@@ -332,6 +334,7 @@ def resume_grid(store: Store, name: str, verbose: int = 1, ray_storage_uri: str 
         init_ray(spare_cpu=_uses_worker_groups(grid, missing))
         trainable, _ = _tuner_args(grid, store, ray_root, verbose)
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs)
+        summary.restored_from = f"{ray_root}/{TUNE_NAME}"
         _collect(tuner.fit(), summary)
         # trials that were never part of the saved experiment (the grid grew): run them too
         still = [t for t in trials if not store.has_result(t.grid, t.compressor, t.config_hash)]

@@ -142,7 +142,11 @@ def test_driver_killed_then_resume_runs_only_missing_trials(tmp_path):
     )
     try:
         deadline = time.time() + 300
-        while time.time() < deadline and not store.read_results("resumable").num_rows:
+        # the event: a first result is in the store and Tune has saved its experiment state
+        tune_dir = store_dir / "resumable" / "tune"
+        while time.time() < deadline and not (
+            store.read_results("resumable").num_rows and any(tune_dir.glob("experiment_state-*.json"))
+        ):
             assert driver.poll() is None, "the driver ended before it could be killed"
             time.sleep(0.2)
     finally:
@@ -162,6 +166,9 @@ def test_driver_killed_then_resume_runs_only_missing_trials(tmp_path):
     )
     assert resume.returncode == 0, resume.stdout[-2000:] + resume.stderr[-3000:]
     assert "4/4 trials done" in resume.stdout
+    # Tune's experiment was restored from the store, not run afresh (which would also finish
+    # the grid: the store alone tells which trials are done)
+    assert f"restored Tune's experiment from {store_dir / 'resumable' / 'tune'}" in resume.stdout
     _, rows = query(store, "select count(*), count(distinct config_hash) from results")
     assert rows == [(4 * 2, 4)], "every result exactly once"
     after = store.read_results("resumable")
