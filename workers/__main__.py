@@ -118,10 +118,16 @@ def _train(trial: TrialConfig, args: argparse.Namespace, rank: int, world_size: 
 
     print(f"{tag} trial {trial.trial_id} ({backend})", file=sys.stderr, flush=True)
     try:
-        return train_loop_per_worker(
+        rows = train_loop_per_worker(
             trial, report=report, latest_checkpoint=latest_checkpoint, rank=rank, world_size=world_size,
             store=args.store, backend=backend, threads=args.threads,
         )
+        if world_size > 1:
+            # every rank leaves together: a rank that tore its process group (and DeepSpeed's
+            # communication threads) down while rank 0 still wrote the rows was seen to abort
+            # at exit ("terminate called without an active exception")
+            dist.barrier()
+        return rows
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
