@@ -76,12 +76,11 @@ def plan_rows(grid, store: Store | None) -> list[dict]:
     """One row per trial, in scheduling order: what it is, what it asks for, what it costs
     and whether its result is already in the store. Neither torch nor Ray is imported."""
     from tokenscale.config import planned_llm_params, trial_inference_flops, trial_training_flops
-    from tokenscale.workers.benchmarks import VOCAB
 
     rows = []
     for trial in grid.trials():
         resources = grid.resources.for_llm(trial.llm)
-        params = planned_llm_params(trial.llm, None if trial.llm.path else len(VOCAB))
+        params = planned_llm_params(trial.llm)
         rows.append({
             "trial_id": trial.trial_id,
             "llm": trial.llm.name,

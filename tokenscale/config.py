@@ -34,7 +34,7 @@ from pydantic import (
 from tokenscale import compressors
 from tokenscale.costs import inference_flops, training_flops
 from tokenscale.store import check_name
-from tokenscale.workers.benchmarks import BENCHMARKS
+from tokenscale.workers.benchmarks import BENCHMARKS, VOCAB
 
 TASK_FAMILIES = ("reasoning", "ocr")
 
@@ -527,13 +527,14 @@ def _llm_size(llm: LLMSpec) -> float:
 
 def planned_llm_params(llm: LLMSpec, vocab_size: int | None = None) -> float | None:
     """N as the law will use it, before the model is built: the declared `params`, else the
-    counted total (non-embedding + embeddings when the vocabulary is known)."""
+    counted total (non-embedding + embeddings when the vocabulary is known: a checkpoint's
+    own, else `vocab_size`, else the generated benchmarks' for a tiny LLM)."""
     if llm.params is not None:
         return llm.params
     dims, non_embedding = _llm_dims(llm), estimate_llm_params(llm)
     if dims is None or non_embedding is None:
         return None
-    vocab = dims["vocab"] or vocab_size
+    vocab = dims["vocab"] or vocab_size or (None if llm.path else len(VOCAB))
     if vocab is None:
         return non_embedding
     return non_embedding + vocab * dims["hidden"] * (1 if dims["tied"] else 2)
@@ -550,9 +551,7 @@ def _tokens_per_example(trial: TrialConfig) -> float:
 def trial_training_flops(trial: TrialConfig) -> float | None:
     """≈ 6·N·tokens over both stages (stage 1 trains only the compressor, but its forward
     and backward run through the whole LM); the same on any number of workers."""
-    from tokenscale.workers.benchmarks import VOCAB
-
-    params = planned_llm_params(trial.llm, None if trial.llm.path else len(VOCAB))
+    params = planned_llm_params(trial.llm)
     if params is None:
         return None
     train = trial.train
@@ -562,9 +561,7 @@ def trial_training_flops(trial: TrialConfig) -> float | None:
 
 def trial_inference_flops(trial: TrialConfig, text_tokens: float = 0.0) -> float | None:
     """One query at Q = `text_tokens` (0: a cached query), no generated tokens."""
-    from tokenscale.workers.benchmarks import VOCAB
-
-    params = planned_llm_params(trial.llm, None if trial.llm.path else len(VOCAB))
+    params = planned_llm_params(trial.llm)
     if params is None:
         return None
     return float(inference_flops(params, text_tokens, trial.visual_tokens, 0.0, trial.compressor))

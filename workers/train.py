@@ -333,6 +333,16 @@ class BenchmarkScore:
     generated_tokens_mean: float  # answer tokens up to and including the first <eos>
 
 
+def _stride(n: int, rank: int, world_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """This rank's examples of an eval set of `n`: every `world_size`-th from `rank`, padded
+    to the same count on every rank (ZeRO-3's forward passes gather weights together) with
+    example 0, which `counted` leaves out."""
+    per_rank = -(-n // world_size)
+    index = np.arange(rank, per_rank * world_size, world_size)
+    counted = index < n
+    return np.where(counted, index, 0), counted
+
+
 @torch.no_grad()
 def evaluate(
     module: torch.nn.Module, splits: list[Split], device: torch.device, dtype: torch.dtype,
@@ -352,12 +362,9 @@ def evaluate(
         if split.references is not None:
             scores.append(_evaluate_generated(module, split, device, dtype, rank, world_size))
             continue
-        per_rank = -(-len(split) // world_size)
-        index = np.arange(rank, per_rank * world_size, world_size)
-        counted = index < len(split)
-        index = np.where(counted, index, 0)
+        index, counted = _stride(len(split), rank, world_size)
         correct = 0
-        for start in range(0, per_rank, batch):
+        for start in range(0, len(index), batch):
             chunk, keep = index[start : start + batch], counted[start : start + batch]
             inputs = _batch(split, chunk, device, dtype)
             _, logits = module(*inputs)
@@ -387,12 +394,9 @@ def _evaluate_generated(
     (workers/metrics.py). Every rank decodes a stride; rank 0 gathers the texts and scores."""
     from .metrics import score_set
 
-    per_rank = -(-len(split) // world_size)
-    index = np.arange(rank, per_rank * world_size, world_size)
-    counted = index < len(split)
-    index = np.where(counted, index, 0)
+    index, counted = _stride(len(split), rank, world_size)
     mine: list[tuple[int, str, int]] = []  # (example, answer text, generated tokens incl. <eos>)
-    for start in range(0, per_rank, batch):
+    for start in range(0, len(index), batch):
         chunk = index[start : start + batch]
         images, questions, _, question_mask, _ = _batch(split, chunk, device, dtype)
         generated = module.generate(images, questions, question_mask, split.max_new_tokens, split.eos_id).cpu().numpy()
