@@ -155,3 +155,25 @@ class TcpProxy:
             except OSError:
                 pass
         self._conns = []
+
+
+def run_tokenscale_all(commands: list[tuple[str, ...]], cwd=None, timeout: float = 120) -> list[subprocess.CompletedProcess]:
+    """Every command as its own `tokenscale` process, in its own process group (one that got
+    as far as starting Ray is stopped with everything it started), started together, each
+    awaited."""
+    import signal
+
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "tokenscale.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, cwd=cwd, start_new_session=True)
+        for args in commands
+    ]
+    out = []
+    for args, proc in zip(commands, procs, strict=True):
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the group this test started, nothing else
+            stdout, stderr = proc.communicate()
+        out.append(subprocess.CompletedProcess(list(args), proc.returncode, stdout, stderr))
+    return out

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+from conftest import run_tokenscale_all
 
 
 def tokenscale(*args: str, cwd=None) -> subprocess.CompletedProcess:
@@ -75,28 +76,6 @@ def test_every_subcommand_has_help():
         assert out.returncode == 0 and "usage: tokenscale " + command in out.stdout
 
 
-def run_all(commands: list[tuple[str, ...]], cwd=None, timeout: float = 120) -> list[subprocess.CompletedProcess]:
-    """Every command as its own process (own process group: one that wrongly got as far
-    as starting Ray is stopped with all it started), started together, each awaited."""
-    import os
-    import signal
-
-    procs = [
-        subprocess.Popen([sys.executable, "-m", "tokenscale.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, cwd=cwd, start_new_session=True)
-        for args in commands
-    ]
-    out = []
-    for args, proc in zip(commands, procs, strict=True):
-        try:
-            stdout, stderr = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # the group this test started, nothing else
-            stdout, stderr = proc.communicate()
-        out.append(subprocess.CompletedProcess(list(args), proc.returncode, stdout, stderr))
-    return out
-
-
 def test_bad_input_to_every_command_exits_2_with_one_line(tmp_path):
     """Each command given something it cannot take: exit 2 and one line, `tokenscale CMD:
     error: ...` naming what is wrong and what is accepted, or argparse's usage line plus
@@ -140,7 +119,7 @@ def test_bad_input_to_every_command_exits_2_with_one_line(tmp_path):
         ("demo", "--port", "-1", "--store", store),
         ("schema", "extra"),
     ]
-    outs = run_all(cases, cwd=tmp_path)
+    outs = run_tokenscale_all(cases, cwd=tmp_path)
     for out in outs:
         command = out.args[0]
         assert out.returncode == 2, (out.args, out.returncode, out.stdout[-1000:], out.stderr[-2000:])

@@ -9,17 +9,14 @@ an S3 error answer. Each command runs as its own process, as a user runs it.
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import boto3
 import pytest
 import yaml
-from conftest import TcpProxy, free_port, tiny_grid
+from conftest import TcpProxy, free_port, run_tokenscale_all, tiny_grid
 from synthetic import write_synthetic_results
 
 from tokenscale.store import Store, StoreError
@@ -35,24 +32,8 @@ def stop_proxy(proxy: TcpProxy) -> None:
     proxy.stop()
 
 
-def run_all(commands: list[tuple[str, ...]], timeout: float = 60) -> list[subprocess.CompletedProcess]:
-    """Every command as its own `tokenscale` process (each in its own process group, so a
-    command that got as far as starting Ray is stopped with everything it started),
-    started together, each awaited."""
-    procs = [
-        subprocess.Popen([sys.executable, "-m", "tokenscale.cli", *args], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, start_new_session=True)
-        for args in commands
-    ]
-    out = []
-    for args, proc in zip(commands, procs, strict=True):
-        try:
-            stdout, stderr = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # the group this test started, nothing else
-            stdout, stderr = proc.communicate()
-        out.append(subprocess.CompletedProcess(list(args), proc.returncode, stdout, stderr))
-    return out
+def run_all(commands: list[tuple[str, ...]]) -> list[subprocess.CompletedProcess]:
+    return run_tokenscale_all(commands, timeout=60)
 
 
 def assert_store_error(out: subprocess.CompletedProcess, store: Store, *causes: str) -> str:

@@ -123,9 +123,8 @@ def check(rows, grid, expected) -> None:
         assert (r.llm, r.visual_tokens, r.compressor, r.seed) == (t.llm.name, t.visual_tokens, t.compressor, t.seed)
 
 
-def test_status_reads_local_tune_state(tmp_path):
-    store = Store.open(str(tmp_path / "store"))
-    grid, entries, expected = scenario(store)
+def write_local_tune_dir(store: Store, grid, entries) -> Path:
+    """The scenario's Tune state under the store's own `<grid>/tune/`."""
     tune_dir = Path(store.join(grid.name, TUNE_NAME))
 
     def write(rel: str, text: str) -> None:
@@ -133,6 +132,13 @@ def test_status_reads_local_tune_state(tmp_path):
         (tune_dir / rel).write_text(text)
 
     write_tune_dir(write, entries)
+    return tune_dir
+
+
+def test_status_reads_local_tune_state(tmp_path):
+    store = Store.open(str(tmp_path / "store"))
+    grid, entries, expected = scenario(store)
+    tune_dir = write_local_tune_dir(store, grid, entries)
     check(grid_status(store, grid.name), grid, expected)
 
     # the Ray storage elsewhere (run_grid's ray_storage_uri): the store's own tune/ is not read
@@ -150,13 +156,7 @@ def test_status_reads_local_tune_state(tmp_path):
 def test_status_command_output(tmp_path):
     store = Store.open(str(tmp_path / "store"))
     grid, entries, expected = scenario(store)
-    tune_dir = Path(store.join(grid.name, TUNE_NAME))
-
-    def write(rel: str, text: str) -> None:
-        (tune_dir / rel).parent.mkdir(parents=True, exist_ok=True)
-        (tune_dir / rel).write_text(text)
-
-    write_tune_dir(write, entries)
+    write_local_tune_dir(store, grid, entries)
     cmd = [sys.executable, "-m", "tokenscale.cli", "status", grid.name, "--store", store.uri]
     out = subprocess.run([*cmd, "--format", "json"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
