@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -35,7 +34,10 @@ def wait_for_port(port: int, timeout: float = 30.0) -> None:
 def s3_endpoint(monkeypatch):
     """A moto S3 server on loopback with bucket `tokenscale`; AWS env points at it."""
     port = free_port()
-    exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
+    # the moto installed with this interpreter, never another one found on PATH: moto 5.2.1
+    # (seen in a pyenv on PATH) answers CompleteMultipartUpload with an empty 200 body
+    # that pyarrow reads as INTERNAL_FAILURE, which breaks Ray's storage on s3://
+    exe = str(Path(sys.executable).parent / "moto_server")
     proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_port(port)

@@ -34,10 +34,13 @@ def test_grid_to_s3_to_duckdb_to_fit_to_serve(s3_endpoint, local_ray, tmp_path):
     grid = parse_grid(tiny_grid("e2e", llms=3, visual_tokens=(1, 16)))
     store = Store.open("s3://tokenscale/e2e-store")
 
-    # Ray's experiment state stays local here: moto answers pyarrow's multipart upload
-    # of Ray's storage marker with INTERNAL_FAILURE; results still go to S3 by PUT.
-    summary = run_grid(grid, store, verbose=0, ray_storage_uri=str(tmp_path / "ray"))
+    # Ray's experiment state goes beside the results, on S3 too
+    summary = run_grid(grid, store, verbose=0)
     assert summary.errored == 0 and summary.finished == 6, summary
+    import boto3
+
+    listing = boto3.client("s3", endpoint_url=s3_endpoint).list_objects_v2(Bucket="tokenscale", Prefix="e2e-store/e2e/tune/")
+    assert any("experiment_state-" in o["Key"] for o in listing.get("Contents", [])), "Tune's state is on S3"
 
     # DuckDB reads the parquet straight from the S3 endpoint (httpfs loaded offline)
     _, rows = query(store, "select count(*), count(distinct config_hash), min(score), max(score) from results")
@@ -48,7 +51,7 @@ def test_grid_to_s3_to_duckdb_to_fit_to_serve(s3_endpoint, local_ray, tmp_path):
     assert len(rows) == 3 and rows[0][0] < rows[-1][0]
 
     # a rerun finds every result in the store and starts nothing
-    again = run_grid(grid, store, verbose=0, ray_storage_uri=str(tmp_path / "ray"))
+    again = run_grid(grid, store, verbose=0)
     assert again.already_done == 6 and again.finished == 0
     _, rows = query(store, "select count(*) from results")
     assert rows[0][0] == 12

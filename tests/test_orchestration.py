@@ -126,27 +126,35 @@ def test_killed_train_worker_resumes_at_its_checkpoint_step(tmp_path, execution,
     assert sorted((r["benchmark"], r["score"]) for r in stored) == sorted((r["benchmark"], r["score"]) for r in expected_rows)
 
 
-def test_driver_killed_then_resume_runs_only_missing_trials(tmp_path):
+def test_driver_killed_then_resume_runs_only_missing_trials(s3_endpoint, tmp_path):
+    """The production setting: results and Tune's own experiment state both on s3:// (the
+    loopback endpoint). The driver dies mid-grid; `resume` restores Tune's experiment from
+    S3 and runs only what is missing."""
+    import boto3
+
     grid_file = tmp_path / "grid.yaml"
     # long enough trials (in-trial ones start in well under a second) to kill the driver between two
     grid_file.write_text(yaml.safe_dump(tiny_grid(
         "resumable", llms=2, visual_tokens=(1, 4), max_concurrent_trials=1,
         train={"zero_stage": 1, "micro_batch": 8, "stage1_steps": 2, "stage2_steps": 400},
     )))
-    store_dir = tmp_path / "store"
-    store = Store.open(str(store_dir))
+    store_uri = "s3://tokenscale/resume-store"
+    store = Store.open(store_uri)
+    bucket = boto3.client("s3", endpoint_url=s3_endpoint)
+
+    def tune_state_saved() -> bool:
+        listing = bucket.list_objects_v2(Bucket="tokenscale", Prefix="resume-store/resumable/tune/experiment_state-")
+        return listing.get("KeyCount", 0) > 0
+
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     driver = subprocess.Popen(
-        [str(BIN / "tokenscale"), "run", str(grid_file), "--store", str(store_dir), "--verbose", "0"],
+        [str(BIN / "tokenscale"), "run", str(grid_file), "--store", store_uri, "--verbose", "0"],
         env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
         deadline = time.time() + 300
         # the event: a first result is in the store and Tune has saved its experiment state
-        tune_dir = store_dir / "resumable" / "tune"
-        while time.time() < deadline and not (
-            store.read_results("resumable").num_rows and any(tune_dir.glob("experiment_state-*.json"))
-        ):
+        while time.time() < deadline and not (store.read_results("resumable").num_rows and tune_state_saved()):
             assert driver.poll() is None, "the driver ended before it could be killed"
             time.sleep(0.2)
     finally:
@@ -161,14 +169,14 @@ def test_driver_killed_then_resume_runs_only_missing_trials(tmp_path):
     assert sum(s.status == "done" for s in statuses) == len(done_before)
 
     resume = subprocess.run(
-        [str(BIN / "tokenscale"), "resume", "resumable", "--store", str(store_dir), "--verbose", "0"],
+        [str(BIN / "tokenscale"), "resume", "resumable", "--store", store_uri, "--verbose", "0"],
         env=env, capture_output=True, text=True, timeout=600,
     )
     assert resume.returncode == 0, resume.stdout[-2000:] + resume.stderr[-3000:]
     assert "4/4 trials done" in resume.stdout
-    # Tune's experiment was restored from the store, not run afresh (which would also finish
-    # the grid: the store alone tells which trials are done)
-    assert f"restored Tune's experiment from {store_dir / 'resumable' / 'tune'}" in resume.stdout
+    # Tune's experiment was restored from S3, not run afresh (which would also finish the
+    # grid: the store alone tells which trials are done)
+    assert f"restored Tune's experiment from {store_uri}/resumable/tune" in resume.stdout
     _, rows = query(store, "select count(*), count(distinct config_hash) from results")
     assert rows == [(4 * 2, 4)], "every result exactly once"
     after = store.read_results("resumable")
