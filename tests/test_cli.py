@@ -142,3 +142,28 @@ def test_bad_input_to_every_command_exits_2_with_one_line(tmp_path):
     for args, words in expected.items():
         assert words in by_case[args], (args, by_case[args])
     assert not (tmp_path / "store").exists(), "bad input must not create the store"
+
+
+def test_demo_learning_check_names_the_benchmarks_no_trial_learned(tmp_path):
+    """`tokenscale demo` stops (exit 1) before fitting when a benchmark was never learned:
+    the check is a binomial test per trial, so a score a few answers over chance fails it."""
+    from synthetic import synthetic_row
+
+    from tokenscale.cli import learning_report
+    from tokenscale.store import Store
+
+    store = Store.open(str(tmp_path / "store"))
+    # 200 answers among 10 (chance 0.1): 35 correct is the floor at alpha = 0.001
+    scores = {("a", "color"): 0.9, ("b", "color"): 0.1, ("a", "digits"): 0.17, ("b", "digits"): 0.12}
+    for llm, n in (("a", 1000), ("b", 2000)):
+        rows = [synthetic_row(grid="g", config_hash=f"{llm}-4", llm=llm, llm_params=n, visual_tokens=4, compressor="avgpool",
+                              benchmark=b, task_family="reasoning", error=1 - scores[(llm, b)], chance=0.1, n_examples=200)
+                for b in ("color", "digits")]
+        store.write_results("g", "avgpool", f"{llm}-4", rows)
+    lines, unlearned = learning_report(store, "g")
+    assert unlearned == ["digits"]  # 34/200 is below the floor, though 0.07 over chance
+    assert lines[0].split(":")[1].strip().startswith("1/2 trials") and "digits: 0/2 trials" in lines[1]
+    rows = [synthetic_row(grid="g", config_hash="c-4", llm="c", llm_params=4000, visual_tokens=4, compressor="avgpool",
+                          benchmark="digits", task_family="ocr", error=1 - 0.175, chance=0.1, n_examples=200)]
+    store.write_results("g", "avgpool", "c-4", rows)
+    assert learning_report(store, "g")[1] == []  # 35/200 reaches it

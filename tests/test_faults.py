@@ -10,7 +10,6 @@ an S3 error answer. Each command runs as its own process, as a user runs it.
 from __future__ import annotations
 
 import subprocess
-import time
 from pathlib import Path
 
 import boto3
@@ -91,12 +90,10 @@ def test_every_command_on_an_unreachable_store_exits_3_with_one_line(proxied):
         ("run", str(grid_file), "--store", store.uri),
         ("serve", "--store", store.uri, "--grid", GRID, "--port", str(free_port())),
     ]
-    started = time.monotonic()
     outs = run_all(commands)
     for out in outs:
         line = assert_store_error(out, store, "could not connect")
         assert f"after {4} attempts" in line, line  # boto3's bounded retries, then the answer
-    assert time.monotonic() - started < 90
 
 
 def test_a_refusing_store_exits_3_naming_the_s3_error(s3_endpoint, tmp_path):

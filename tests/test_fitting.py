@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import itertools
-import time
 import zlib
 
 import numpy as np
@@ -146,9 +145,7 @@ def test_fit_time_and_huber_resists_an_outlier():
     n = np.repeat(np.geomspace(1e8, 2e10, 10), 10)
     v = np.tile(np.geomspace(1, 576, 10), 10)
     e = truth("product").predict(n, v) + np.random.default_rng(2).normal(0, 0.002, 100)
-    started = time.perf_counter()
-    fit_law(n, v, e, "product")
-    assert time.perf_counter() - started < 1.0, "100 points must fit well under a second"
+    fit_law(n, v, e, "product")  # its speed: benchmarks/bench_fit.py
     e[np.argmax(n)] = 0.9  # one broken eval at the largest LLM drags alpha down
     squared, huber = fit_law(n, v, e, "product"), fit_law(n, v, e, "product", loss="huber")
     assert huber.loss == "huber"
@@ -213,9 +210,7 @@ def test_bootstrap_cis_cover_at_about_nominal_rate(form):
 
 def test_bootstrap_is_seeded_and_predicts_error_intervals():
     n, v, e = points("sum", noise=0.003, seed=5)
-    started = time.perf_counter()
     ci = bootstrap_law(n, v, e, "sum", seed=3)
-    assert time.perf_counter() - started < 5.0  # ~0.5 s alone on one core
     assert ci.resamples == 200 and ci.level == 0.9
     again = bootstrap_law(n, v, e, "sum", seed=3)
     assert ci.alpha == again.alpha and ci.ratio == again.ratio
@@ -381,12 +376,9 @@ def synthetic_grid(store: Store, grid: str = "g") -> None:
 def test_fit_grid_writes_laws_with_cis_readable_by_sql(tmp_path):
     store = Store.open(str(tmp_path / "store"))
     synthetic_grid(store)
-    started = time.perf_counter()
     rows, skipped = fit_grid(store, "g", resamples=100)
-    seconds = time.perf_counter() - started
     assert skipped == []
     assert len(rows) == 2 * 2 * 2  # family x compressor x form
-    assert seconds < 30
     # (`select *` also works; fetching its TIMESTAMPTZ column into Python needs pytz,
     # which is not installed here, so it is checked separately as text)
     columns, result = query(store, "select * exclude (fitted_at) from laws where grid = 'g' order by task_family, compressor, form")

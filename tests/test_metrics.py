@@ -328,3 +328,23 @@ def test_score_set_means_and_names():
     assert score == pytest.approx(0.5)
     with pytest.raises(ValueError, match="unknown metric"):
         score_set("bleu", ["a"], [["a"]])
+
+
+def test_chance_floor_is_the_exact_one_sided_binomial_test():
+    from math import comb
+
+    from tokenscale.workers.metrics import chance_floor
+
+    def tail(k: int, n: int, p: float) -> float:  # P(X >= k), summed by hand
+        return sum(comb(n, j) * p**j * (1 - p) ** (n - j) for j in range(k, n + 1))
+
+    # 16 answers among 4 options: 11 correct has tail 0.000285 (<= 0.001), 10 has 0.00164
+    assert chance_floor(16, 0.25, 0.001) == 11
+    assert tail(11, 16, 0.25) <= 0.001 < tail(10, 16, 0.25)
+    for n, p, alpha in [(64, 0.25, 0.001), (128, 1 / 6, 0.001), (200, 0.1, 0.01), (30, 0.5, 0.05)]:
+        k = chance_floor(n, p, alpha)
+        assert tail(k, n, p) <= alpha < tail(k - 1, n, p), (n, p, alpha)
+    assert chance_floor(8, 0.5, 0.001) == 9  # 8/8 has tail 0.0039: too few answers to tell
+    assert chance_floor(10, 0.0) == 1
+    with pytest.raises(ValueError, match="chance in"):
+        chance_floor(10, 1.5)

@@ -25,6 +25,11 @@ class CLIError(Exception):
     """Bad input: printed as one line, exit status 2."""
 
 
+class RunFailed(Exception):
+    """The work itself failed (a trial errored, nothing was learned): one line, exit 1, as
+    `run` exits 1 when a trial errored."""
+
+
 def _store(args: argparse.Namespace) -> Store:
     try:
         return Store.open(args.store)
@@ -317,6 +322,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
 # ---- demo --------------------------------------------------------------------------------
 
 
+def learning_report(store: Store, grid: str, alpha: float = 0.001) -> tuple[list[str], list[str]]:
+    """(one line per benchmark, the benchmarks no trial learned). A trial learned a
+    benchmark when its correct answers reach `chance_floor` (a one-sided exact binomial
+    test against guessing at the benchmark's chance, level `alpha`)."""
+    from tokenscale.workers.metrics import chance_floor
+
+    from .sql import query
+
+    _, scored = query(
+        store,
+        "select benchmark, llm || ' V=' || visual_tokens || ' ' || compressor, score, n_examples, chance "
+        f"from results where grid = '{grid}' order by benchmark, llm_params, visual_tokens, compressor",
+    )
+    lines, unlearned = [], []
+    for benchmark in sorted({row[0] for row in scored}):
+        rows = [row for row in scored if row[0] == benchmark]
+        above = sum(round(score * n) >= chance_floor(n, chance, alpha) for _, _, score, n, chance in rows)
+        weakest = min(rows, key=lambda row: row[2] - row[4])
+        mean = sum(row[2] for row in rows) / len(rows)
+        lines.append(f"{benchmark:>10}: {above}/{len(rows)} trials, mean {mean:.3f} vs chance {rows[0][4]:.3f}, "
+                     f"weakest {weakest[2]:.3f} ({weakest[1]})")
+        if not above:
+            unlearned.append(benchmark)
+    return lines, unlearned
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     import requests
     from ray import serve
@@ -335,17 +366,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     summary = run_grid(grid, store, verbose=args.verbose)
     print(summary.line(), flush=True)
     if summary.errored:
-        raise CLIError(f"{summary.errored} trial(s) errored; see the Tune table above")
+        raise RunFailed(f"{summary.errored} trial(s) errored; see the Tune table above")
 
-    # Is there anything to fit? Every trial should beat guessing on every benchmark.
-    _, margins = query(
-        store,
-        "select benchmark, count(*), min(score - chance), arg_min(llm || ' V=' || visual_tokens || ' ' || compressor, score - chance), "
-        f"avg(score), any_value(chance) from results where grid = '{grid.name}' group by 1 order by 1",
-    )
-    print("  score above chance, per benchmark over all trials (min margin at which trial):")
-    for benchmark, trials, margin, where, mean, chance in margins:
-        print(f"  {benchmark:>10}: {trials} trials, mean {mean:.3f} vs chance {chance:.3f}, min margin {margin:+.3f} ({where})")
+    # Is there anything to fit? Each benchmark must be learned, or the laws would fit noise.
+    lines, unlearned = learning_report(store, grid.name)
+    print("  learned, per benchmark: trials above chance (binomial test, alpha 0.001); mean score; weakest trial:")
+    for line in lines:
+        print(f"  {line}")
+    if unlearned:
+        raise RunFailed(f"no trial answered {', '.join(unlearned)} above chance: nothing was learned to fit a law to")
 
     print("[2/4] fitting scaling laws", flush=True)
     rows, skipped = fit_grid(store, grid.name)
@@ -504,6 +533,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CLIError, ValueError) as err:
         print(f"tokenscale {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except RunFailed as err:
+        print(f"tokenscale {args.command}: failed: {_one_line(err)}", file=sys.stderr)
+        return 1
     except StoreError as err:  # not the user's input: the store did not answer
         print(f"tokenscale {args.command}: store error: {_one_line(err)}", file=sys.stderr)
         return EXIT_STORE

@@ -18,12 +18,16 @@ Each rule follows the reference scripts that published LLaVA-family numbers come
   picks it first, a reply that is only a lowercase letter counts, and an "A" that ends the
   reply ("The answer is A") is not taken for the article.
 
+`chance_floor` is the learning check the tests and the demo apply to a score: the fewest
+correct answers out of n that a uniform guesser reaches with probability <= alpha.
+
 `METRICS` names the per-example scores `(prediction, answers, **example) -> float` so that an
 eval set can name its metric.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 
@@ -502,3 +506,31 @@ def score_set(metric: str, predictions: Sequence[str], references: Sequence[Sequ
     if metric == "yes_no":
         return pope_f1(predictions, [r[0] for r in references]), accuracy
     return accuracy, accuracy
+
+
+# ---------------------------------------------------------------------------------------------
+# Is a score above chance?
+# ---------------------------------------------------------------------------------------------
+
+
+def chance_floor(n: int, chance: float, alpha: float = 0.001) -> int:
+    """The smallest k with P(X >= k) <= alpha for X ~ Binomial(n, chance): a one-sided exact
+    binomial test. n answers of which at least k are correct reject "this is guessing at
+    `chance`" at level alpha. n + 1 when even n correct would not (n too small for alpha)."""
+    if n < 0 or not 0.0 <= chance <= 1.0 or not 0.0 < alpha < 1.0:
+        raise ValueError(f"chance_floor needs n >= 0, chance in [0, 1], alpha in (0, 1); got {n}, {chance}, {alpha}")
+    if chance == 0.0:
+        return 1  # a guesser that never hits has no correct answer: one is enough
+    if chance == 1.0:
+        return n + 1
+
+    def log_pmf(k: int) -> float:
+        return (math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+                + k * math.log(chance) + (n - k) * math.log1p(-chance))
+
+    tail = 0.0
+    for k in range(n, -1, -1):  # add P(X = k) from the top until the tail passes alpha
+        tail += math.exp(log_pmf(k))
+        if tail > alpha:
+            return k + 1
+    return 0
