@@ -146,7 +146,7 @@ def cpu_trials(args: argparse.Namespace):
 
 def deepspeed_step(model, pool, trial, use_bf16: bool):
     """A stage-2 step as workers/train.py's run_stage runs it."""
-    from tokenscale.workers.train import stage_engine, stage_plan, stage_step
+    from tokenscale.workers.train import _batch, stage_engine, stage_plan, stage_step
 
     device = torch.device("cpu")
     dtype = torch.bfloat16 if use_bf16 else torch.float32
@@ -155,7 +155,7 @@ def deepspeed_step(model, pool, trial, use_bf16: bool):
 
     def step():
         index = rng.integers(0, len(pool), trial.train.micro_batch)
-        stage_step(engine, pool, index, device, dtype).item()
+        stage_step(engine, _batch(pool, index, device, dtype)).item()
 
     return step
 
@@ -174,7 +174,7 @@ def plain_torch_step(model, pool, trial, use_bf16: bool):
     def step():
         index = rng.integers(0, len(pool), trial.train.micro_batch)
         with torch.autocast("cpu", torch.bfloat16, enabled=use_bf16):
-            loss, _ = model(*_batch(pool, index, torch.device("cpu"), torch.float32))
+            loss, _ = model(**_batch(pool, index, torch.device("cpu"), torch.float32))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()

@@ -21,7 +21,14 @@ torch.set_num_threads(1)
 
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (40, 60, 230), "yellow": (240, 220, 30)}
 QUESTION = "What color is the square?"
-SPECIALS = ["<pad>", "<eos>", "<unk>"]
+SPECIALS = ["<pad>", "<eos>", "<unk>", "<|im_start|>", "<|im_end|>"]
+# Qwen-1.5-chat's template (ChatML with its default system prompt)
+CHATML = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 
 def _write_images(folder, n: int, seed: int) -> list[tuple[str, str]]:
@@ -50,13 +57,13 @@ def _write_json(path, items: list[tuple[str, str]]) -> None:
             "conversations": [
                 {"from": "human", "value": f"<image>\n{QUESTION}"},
                 {"from": "gpt", "value": color},
-                {"from": "human", "value": "Describe the image"},  # a later turn: ignored
+                {"from": "human", "value": "Describe the image"},  # a later turn: trained on its answer
                 {"from": "gpt", "value": f"a {color} square"},
             ],
         }
         for i, (name, color) in enumerate(items)
     ]
-    # a text-only conversation (no image): skipped
+    # a text-only conversation (no image): trained as text, never an eval example
     records.append({"id": "text", "conversations": [{"from": "human", "value": "what"}, {"from": "gpt", "value": "red"}]})
     path.write_text(json.dumps(records))
 
@@ -95,6 +102,12 @@ def assets(tmp_path_factory):
         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=False,
     )
     Qwen2ForCausalLM(config).save_pretrained(llm_dir)
+    # the same LLM as a chat checkpoint: ChatML, <|im_end|> ends a turn (and generation)
+    chat_dir = root / "qwen-tiny-chat"
+    chat = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<pad>", unk_token="<unk>")
+    chat.chat_template = CHATML
+    chat.save_pretrained(chat_dir)
+    Qwen2ForCausalLM.from_pretrained(llm_dir).save_pretrained(chat_dir)
 
     vision = CLIPVisionConfig(
         image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2
@@ -108,7 +121,7 @@ def assets(tmp_path_factory):
     _write_json(data / "eval.json", held_out)
     _write_json(data / "eval_ocr.json", held_out[:8])
     return {
-        "root": root, "llm": llm_dir, "vision": vision_dir, "data": data,
+        "root": root, "llm": llm_dir, "chat_llm": chat_dir, "vision": vision_dir, "data": data,
         "train": train, "eval": held_out,
     }
 
@@ -139,85 +152,179 @@ def _trial(assets, **data_overrides) -> TrialConfig:
     return parse_grid(llava_grid(assets, **data_overrides)).trials()[0]
 
 
-def test_loader_shapes_ids_and_round_trip(assets, monkeypatch):
+def _decode(tokenizer, ids) -> str:
+    return tokenizer.decode([int(i) for i in ids])
+
+
+def test_loader_streams_stages_and_eval_sets(assets, monkeypatch, tmp_path):
+    """Stage 1 (plain: the image, then the caption), stage 2 (no chat template: the question,
+    then every gpt turn + <eos> in the loss, the later human turn out of it), eval sets
+    (prompt only, image records only); pixels through the checkpoint's processor."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TOKENSCALE_CACHE", str(tmp_path / "cache"))
     from PIL import Image
     from transformers import AutoImageProcessor, AutoTokenizer
 
     from tokenscale.workers.train import load_splits
 
-    trial = _trial(assets)
+    trial = _trial(assets, image_aspect="crop")
     tokenizer = AutoTokenizer.from_pretrained(assets["llm"])
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    train, evals = load_splits(trial)
-    assert len(train) == 1 and [s.benchmark.name for s in evals] == ["colors", "colors-ocr"]
+    (stage1, stage2), evals = load_splits(trial)
+    assert [s.benchmark.name for s in evals] == ["colors", "colors-ocr"]
     assert [s.benchmark.task_family for s in evals] == ["reasoning", "ocr"]
     assert [s.benchmark.chance for s in evals] == [0.25, 0.0]
-    split = train[0]
-    assert len(split) == 48, "the text-only example is skipped"
-    assert split.images.shape == (48, 3, 32, 32) and split.images.dtype == np.float32
-    assert split.questions.dtype == np.int64 and split.answers.dtype == np.int64
-    assert (split.pad_id, split.eos_id) == (pad, eos)
-    # the processor saved beside the vision checkpoint did the pixels
+    assert len(stage1) == len(stage2) == 49, "48 image records and the text-only one"
+    assert [len(e) for e in evals] == [64, 8], "an eval set keeps its image records only"
+    assert (stage2.pad_id, stage2.eos_id) == (pad, eos)
+
+    batch = stage2.batch(np.arange(4))
+    assert batch["images"].shape == (4, 3, 32, 32) and batch["images"].dtype == np.float32
     processor = AutoImageProcessor.from_pretrained(assets["vision"])
     first = Image.open(assets["data"] / "images" / assets["train"][0][0]).convert("RGB")
-    np.testing.assert_allclose(split.images[0], processor(images=[first], return_tensors="np")["pixel_values"][0], atol=1e-5)
-    # the question is the first human turn, without <image>, left-padded to the common length
+    np.testing.assert_allclose(batch["images"][0], processor(images=[first], return_tensors="np")["pixel_values"][0], atol=1e-5)
     question = tokenizer(QUESTION, add_special_tokens=False)["input_ids"]
-    assert split.questions.shape[1] >= len(question)
-    for row in split.questions:
-        assert row[-len(question) :].tolist() == question
-        assert (row[: -len(question)] == pad).all()
-    # the answer is the first gpt turn + <eos>: one word here, so [word, eos]
-    for row, (_, color) in zip(split.answers, assets["train"], strict=True):
-        assert row[-1] == eos
-        ids = row[: row.tolist().index(eos)].tolist()
-        assert tokenizer.decode(ids) == color
-    for ev, items in zip(evals, (assets["eval"], assets["eval"][:8]), strict=True):
-        assert len(ev) == len(items) and ev.questions.shape[1] == split.questions.shape[1]
-        decoded = [tokenizer.decode(r[: r.tolist().index(eos)].tolist()) for r in ev.answers]
-        assert decoded == [c for _, c in items]
+    for row in range(4):
+        color = assets["train"][row][1]
+        q = batch["questions"][row][batch["question_mask"][row] == 1]
+        assert q.tolist() == question, "the first human turn without <image>"
+        real = batch["answers"][row][batch["answer_mask"][row] == 1]
+        trained = batch["answers"][row][(batch["loss_mask"][row] == 1)]
+        assert _decode(tokenizer, real) == f"{color}<eos>Describe the imagea {color} square<eos>"
+        assert _decode(tokenizer, trained) == f"{color}<eos>a {color} square<eos>", "gpt turns only"
+    assert batch["image_mask"].tolist() == [1, 1, 1, 1] and batch["heads"].shape[1] == 1 and not batch["head_mask"].any()
+
+    one = stage1.batch(np.array([0]))  # plain: no question, the caption + <eos>, all trained
+    assert not one["question_mask"].any()
+    assert _decode(tokenizer, one["answers"][0][one["loss_mask"][0] == 1]) == f"{assets['train'][0][1]}<eos>"
+    text = stage2.batch(np.array([48]))  # the text-only record: trained as text, its image masked
+    assert text["image_mask"].tolist() == [0] and not text["images"].any()
+    assert _decode(tokenizer, text["answers"][0][text["loss_mask"][0] == 1]) == "red<eos>"
+
+    ev = evals[0].batch(np.arange(3))
+    assert ev["answers"].shape[1] == 1 and not ev["answer_mask"].any(), "eval batches carry the prompt only"
+    references, options = evals[0].scoring()
+    assert references[:3] == [[c] for _, c in assets["eval"][:3]] and options[0] == []
 
 
-def test_loader_pads_long_answers_with_eos_and_cuts(assets, tmp_path, monkeypatch):
+def test_chat_template_places_the_image_and_masks_human_turns(assets, monkeypatch, tmp_path):
+    """A chat checkpoint: its template around every turn, the image's tokens where <image>
+    stood (the start of the first human turn), the loss on exactly the assistant turns and
+    their end-of-turn tokens; an eval set's suffix ends its question inside the template."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TOKENSCALE_CACHE", str(tmp_path / "cache"))
+    from transformers import AutoTokenizer
+
+    from tokenscale.workers.train import load_splits
+
+    raw = llava_grid(assets)
+    raw["llms"] = [{"name": "qwen-tiny-chat", "path": str(assets["chat_llm"])}]
+    raw["data"]["llava"]["eval"][0]["prompt_suffix"] = "Describe the image"
+    (_, stage2), evals = load_splits(parse_grid(raw).trials()[0])
+    tokenizer = AutoTokenizer.from_pretrained(assets["chat_llm"])
+    assert stage2.eos_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    batch = stage2.batch(np.array([0]))
+    color = assets["train"][0][1]
+
+    def part(ids, mask) -> str:
+        return _decode(tokenizer, ids[0][mask[0] == 1])
+
+    assert part(batch["heads"], batch["head_mask"]) == "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+    assert part(batch["questions"], batch["question_mask"]) == f"\n{QUESTION}<|im_end|>\n<|im_start|>assistant\n"
+    assert part(batch["answers"], batch["loss_mask"]) == f"{color}<|im_end|>\na {color} square<|im_end|>\n"
+    untrained = batch["answer_mask"] * (1 - batch["loss_mask"])
+    assert part(batch["answers"], untrained) == "<|im_start|>user\nDescribe the image<|im_end|>\n<|im_start|>assistant\n"
+    ev = evals[0].batch(np.array([0]))
+    assert part(ev["questions"], ev["question_mask"]) == f"\n{QUESTION}\nDescribe the image<|im_end|>\n<|im_start|>assistant\n"
+
+    raw["data"]["llava"]["stage2"] = {"path": raw["data"]["llava"]["train"], "template": "chat"}
+    raw["llms"] = [{"name": "qwen-tiny", "path": str(assets["llm"])}]
+    with pytest.raises(ValueError, match="template 'chat' but the LLM's tokenizer has no chat template"):
+        load_splits(parse_grid(raw).trials()[0])
+
+
+def test_loader_cuts_long_answers(assets, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TOKENSCALE_CACHE", str(tmp_path / "cache"))
     from transformers import AutoTokenizer
 
     records = json.loads((assets["data"] / "train.json").read_text())[:3]
+    for record in records:
+        record["conversations"] = record["conversations"][:2]  # single-turn
     records[1]["conversations"][1]["value"] = "a red square"  # 3 words
     records[2]["conversations"][1]["value"] = "a red red red red square"  # cut
     path = tmp_path / "mixed.json"
     path.write_text(json.dumps(records))
-    trial = _trial(assets, train=str(path), max_answer_tokens=4)
-    (split,), _ = llava_data.load_splits(trial)
+    (_, stage2), _ = llava_data.load_sets(_trial(assets, train=str(path), max_answer_tokens=4))
     tokenizer = AutoTokenizer.from_pretrained(assets["llm"])
     eos = tokenizer.eos_token_id
+
     def ids(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    batch = stage2.batch(np.arange(3))
     color, three, long = ids(assets["train"][0][1]), ids("a red square"), ids("a red red red red square")
     assert len(color) == 1 and len(three) == 3 and len(long) > 4
-    assert split.answers.tolist() == [color + [eos] * 3, three + [eos], long[:4]]
+    assert batch["answers"].tolist() == [color + [eos] * 3, three + [eos], long[:4]]
+    assert batch["answer_mask"].tolist() == [[1, 1, 0, 0], [1] * 4, [1] * 4] == batch["loss_mask"].tolist()
 
 
-def test_image_preprocessing_without_a_processor(assets, tmp_path):
+def test_image_preprocessing_without_a_processor_and_pad_to_square(assets, tmp_path):
     """No preprocessor_config.json: the config's image_size and CLIP's mean/std; the tiny
-    tower (no vision path): vision.image_size, pixels in [0, 1]."""
+    tower (no vision path): vision.image_size, pixels in [0, 1]. `pad` first pads a wide
+    image to a square of the mean colour (LLaVA-1.5), `crop` lets the processor crop it."""
     import shutil
 
+    from PIL import Image
     from transformers.image_utils import OPENAI_CLIP_MEAN
 
     bare = tmp_path / "clip-bare"
     bare.mkdir()
     shutil.copy(assets["vision"] / "config.json", bare / "config.json")
-    files = [str(assets["data"] / "images" / assets["train"][0][0])]
+    images = llava_data.open_images([str(assets["data"] / "images" / assets["train"][0][0])])
     trial = _trial(assets)
-    pixels = llava_data.image_preprocessor(trial.vision.__class__(path=str(bare)))(files)
+    pixels = llava_data.image_preprocessor(trial.vision.__class__(path=str(bare)))(images)
     assert pixels.shape == (1, 3, 32, 32)
     grey = (128 / 255 - OPENAI_CLIP_MEAN[0]) / 0.26862954
     assert pixels[0, 0, 0, 0] == pytest.approx(grey, abs=0.02)
-    tiny = llava_data.image_preprocessor(trial.vision.__class__(image_size=16))(files)
+    tiny = llava_data.image_preprocessor(trial.vision.__class__(image_size=16))(images)
     assert tiny.shape == (1, 3, 16, 16) and 0 <= tiny.min() and tiny.max() <= 1
+
+    wide = Image.new("RGB", (64, 32), (255, 0, 0))  # red, twice as wide as high
+    processed = {aspect: llava_data.image_preprocessor(trial.vision, aspect)([wide])[0] for aspect in ("pad", "crop")}
+    red = processed["crop"][0]  # channel R of the centre crop of an all-red image: red everywhere
+    assert np.allclose(red, red[0, 0])
+    padded = processed["pad"][0]
+    assert np.allclose(padded[16, :], red[16, :]), "the middle rows are the image"
+    assert not np.allclose(padded[0, 0], red[0, 0]), "the top rows are the mean colour, not red"
+
+
+def test_json_is_streamed_and_indexed(tmp_path, monkeypatch):
+    """The JSON is scanned in chunks (an element across a chunk boundary, multi-byte text),
+    unusable records are left out of the index, and a bad file says where it is bad."""
+    monkeypatch.setenv("TOKENSCALE_CACHE", str(tmp_path / "cache"))
+    records = [
+        {"id": i, "image": f"{i}.png", "conversations": [{"from": "human", "value": f"q{i} é ✓"}, {"from": "gpt", "value": "a"}]}
+        for i in range(50)
+    ]
+    records[7]["conversations"] = [{"from": "gpt", "value": "no question"}]  # unusable
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(records, ensure_ascii=False, indent=1))
+    scanned = list(llava_data.scan_json_array(str(path), chunk_bytes=64))
+    assert [value for _, _, value in scanned] == records
+    raw = path.read_bytes()
+    assert all(json.loads(raw[offset : offset + size]) == value for offset, size, value in scanned)
+    index = llava_data.index_records(str(path))
+    assert len(index) == 49 and 7 not in {json.loads(raw[o : o + n])["id"] for o, n, _ in index}
+    reader = llava_data.Records(str(path))
+    assert reader[7]["id"] == 8
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"a": 1}, {"b": ]')
+    with pytest.raises(ValueError, match="invalid JSON near byte 11"):
+        list(llava_data.scan_json_array(str(bad)))
+    bad.write_text('{"not": "a list"}')
+    with pytest.raises(ValueError, match="expected a JSON list"):
+        list(llava_data.scan_json_array(str(bad)))
 
 
 def test_train_and_evaluate_on_checkpoints(assets, monkeypatch, tmp_path):
@@ -278,12 +385,16 @@ def test_llava_data_from_s3(assets, s3_endpoint, monkeypatch, tmp_path):
          "image_folder": "s3://tokenscale/llava/img"}
     ]
     trial = parse_grid(raw).trials()[0]  # s3:// paths are not checked on the driver
-    _, (split,) = llava_data.load_splits(trial)
-    _, (local, _) = llava_data.load_splits(_trial(assets))
+    _, (split,) = llava_data.load_sets(trial)
+    _, (local, _) = llava_data.load_sets(_trial(assets))
     assert len(split) == 8
-    np.testing.assert_array_equal(split.answers, local.answers[:8])
-    np.testing.assert_allclose(split.images, local.images[:8])
-    assert (tmp_path / "cache" / "s3" / "tokenscale" / "llava" / "img").is_dir()
+    remote_batch, local_batch = split.batch(np.arange(8)), local.batch(np.arange(8))
+    for key in ("questions", "question_mask", "heads"):
+        np.testing.assert_array_equal(remote_batch[key], local_batch[key])
+    np.testing.assert_allclose(remote_batch["images"], local_batch["images"])
+    assert split.scoring() == (local.scoring()[0][:8], local.scoring()[1][:8])
+    images = tmp_path / "cache" / "s3" / "tokenscale" / "llava" / "img"
+    assert sorted(p.name for p in images.iterdir()) == sorted(name for name, _ in assets["eval"][:8])
 
 
 def _grid_error(raw) -> str:
@@ -373,7 +484,7 @@ def test_eval_sets_are_scored_on_generated_answers_by_their_metric(assets, tmp_p
     from transformers import AutoTokenizer
 
     from tokenscale.workers.metrics import score_set
-    from tokenscale.workers.train import _batch, _build_model, encode_splits, evaluate, load_splits
+    from tokenscale.workers.train import _batch, _build_model, evaluate, load_splits
 
     data = assets["data"]
     records = json.loads((data / "eval.json").read_text())[:-1]  # without the text-only record
@@ -387,20 +498,24 @@ def test_eval_sets_are_scored_on_generated_answers_by_their_metric(assets, tmp_p
         "image_folder": str(data / "eval_images"), "metric": "vqa", "prompt_suffix": suffix, "max_new_tokens": 3,
     }])
     trial = parse_grid(raw).trials()[0]
-    train, (split,) = load_splits(trial)
+    _, (split,) = load_splits(trial)
     suffix_ids = AutoTokenizer.from_pretrained(assets["llm"])("\n" + suffix, add_special_tokens=False)["input_ids"]
-    assert split.questions[0, -len(suffix_ids):].tolist() == suffix_ids, "the set's prompt suffix ends every question"
-    assert split.metric == "vqa" and len(split.references[0]) == 10
+    assert split.batch(np.array([0]))["questions"][0, -len(suffix_ids):].tolist() == suffix_ids, "the suffix ends every question"
+    references, options = split.scoring()
+    assert split.metric == "vqa" and len(references[0]) == 10
 
     device, dtype = torch.device("cpu"), torch.float32
     model = _build_model(trial, device, dtype)
-    _, (split,) = encode_splits(model, trial, train, [split])
     (score,) = evaluate(model, [split], device, dtype)
-    images, questions, _, question_mask, _ = _batch(split, np.arange(len(split)), device, dtype)
-    generated = model.generate(images, questions, question_mask, 3, split.eos_id).tolist()
+    inputs = _batch(split, np.arange(len(split)), device, dtype)
+    generated = model.generate(
+        inputs["images"], inputs["questions"], inputs["question_mask"], 3, split.eos_id,
+        heads=inputs["heads"], head_mask=inputs["head_mask"], image_mask=inputs["image_mask"],
+    ).tolist()
     texts = [split.decode(ids[: ids.index(split.eos_id)] if split.eos_id in ids else ids) for ids in generated]
-    expected, _ = score_set("vqa", texts, split.references)
+    expected, _ = score_set("vqa", texts, references)
     assert score.score == pytest.approx(expected)
+    assert score.text_tokens_mean == inputs["question_mask"].sum(1).float().mean().item()
     with_color = ["red"] * len(split)  # a model that always says the first color: VQA's 0.3 steps
-    assert score_set("vqa", with_color, split.references)[0] != score_set("exact", with_color, split.references)[0]
+    assert score_set("vqa", with_color, references)[0] != score_set("exact", with_color, references)[0]
     assert 1.0 <= score.generated_tokens_mean <= 3.0

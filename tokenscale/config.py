@@ -240,22 +240,83 @@ class LlavaEvalSpec(Model):
     max_new_tokens: StrictInt = Field(16, ge=1, description="greedy decoding stops here or at <eos>")
 
 
+LLAVA_TEMPLATES = ("auto", "chat", "plain", "none")
+
+
+class LlavaStageSpec(Model):
+    """One stage's LLaVA data: LLaVA trains stage 1 on the 558k caption pairs and stage 2 on
+    the 665k instruction mix."""
+
+    path: StrictStr = Field(description="the JSON (local or s3://)")
+    image_folder: StrictStr | None = Field(None, description="default: data.llava.image_folder")
+    epochs: Number | None = Field(None, gt=0, description="passes over the data; sets the stage's optimizer steps")
+    steps: StrictInt | None = Field(None, ge=0, description="optimizer steps; default train.stage{1,2}_steps")
+    template: Literal[LLAVA_TEMPLATES] | None = Field(
+        None,
+        description="plain: the image, then the first gpt turn (LLaVA's caption pretraining; stage 1's default); "
+        "chat: the tokenizer's chat template, the image where <image> stands, every gpt turn trained; "
+        "none: turns joined by newlines; auto (stage 2's default): chat when the tokenizer has a chat template, "
+        "else none",
+    )
+
+    @model_validator(mode="after")
+    def _one_length(self) -> LlavaStageSpec:
+        if self.epochs is not None and self.steps is not None:
+            raise _at("epochs", f"give epochs or steps, not both (got epochs={self.epochs}, steps={self.steps})")
+        return self
+
+
 class LlavaSpec(Model):
     """LLaVA-format data (JSON conversations + an image folder, local or s3://), tokenized
-    with the LLM checkpoint's tokenizer; see workers/llava_data.py."""
+    with the LLM checkpoint's tokenizer and streamed; see workers/llava_data.py."""
 
-    train: StrictStr
-    image_folder: StrictStr
+    train: StrictStr | None = Field(None, description="one JSON for both stages (when stage1 / stage2 are not given)")
+    image_folder: StrictStr | None = Field(None, description="the images of every JSON that names no folder of its own")
+    stage1: LlavaStageSpec | None = None
+    stage2: LlavaStageSpec | None = None
     eval: tuple[LlavaEvalSpec, ...] = Field(min_length=1)
-    max_question_tokens: StrictInt = Field(128, ge=1, description="longer questions keep their first tokens")
-    max_answer_tokens: StrictInt = Field(64, ge=1, description="answer + <eos>, cut to this many tokens")
+    image_aspect: Literal["pad", "crop"] = Field(
+        "pad", description="pad: pad to a square with the processor's mean colour first (LLaVA-1.5); crop: the processor's own",
+    )
+    max_question_tokens: StrictInt = Field(128, ge=1, description="the prompt before the first answer keeps its first tokens")
+    max_answer_tokens: StrictInt = Field(
+        64, ge=1, description="the conversation after the prompt (every later turn; answers end with <eos>), cut here",
+    )
+    loader_workers: StrictInt = Field(
+        1, ge=0, description="processes that read, decode and tokenize ahead of training (0: in the training process)",
+    )
 
     @model_validator(mode="after")
     def _unique(self) -> LlavaSpec:
         names = [e.name for e in self.eval]
         if len(set(names)) != len(names):
             raise _at("eval", f"names must be unique, got {names}")
+        for number in (1, 2):
+            stage = self.stage(number)
+            if stage is None:
+                raise _at(
+                    f"stage{number}",
+                    f"no data for stage {number}: give data.llava.stage{number} {{path: JSON, image_folder: DIR}} "
+                    "or data.llava.train (one JSON for both stages)",
+                )
+            if stage.image_folder is None:
+                raise _at(f"stage{number}.image_folder", "no image folder: give it here or as data.llava.image_folder")
+        for i, ev in enumerate(self.eval):
+            if ev.image_folder is None and self.image_folder is None:
+                raise _at(f"eval[{i}].image_folder", "no image folder: give it here or as data.llava.image_folder")
         return self
+
+    def stage(self, number: int) -> LlavaStageSpec | None:
+        """Stage `number`'s data with the defaults filled in (folder, template)."""
+        given = self.stage1 if number == 1 else self.stage2
+        if given is None:
+            if self.train is None:
+                return None
+            given = LlavaStageSpec(path=self.train)
+        return given.model_copy(update={
+            "image_folder": given.image_folder or self.image_folder,
+            "template": given.template or ("plain" if number == 1 else "auto"),
+        })
 
 
 class DataSpec(Model):
@@ -307,6 +368,8 @@ class TrialConfig(Model):
         # fields added after results were stored hash as before while they are unset
         if raw["data"]["llava"] is None:
             del raw["data"]["llava"]
+        else:
+            raw["data"]["llava"].pop("loader_workers", None)  # how the data is read, not what
         if raw["llm"]["params"] is None:
             del raw["llm"]["params"]
         # how a trial is run, not what it computes
@@ -637,8 +700,16 @@ def _check_llava(grid: Grid) -> None:
                 f"{llm.path!r} has no tokenizer ({', '.join(_TOKENIZER_FILES)}); data.llava needs it: save the "
                 "tokenizer into the checkpoint folder (tokenizer.save_pretrained)",
             )
-    _check_local("data.llava.train", llava.train, folder=False)
-    _check_local("data.llava.image_folder", llava.image_folder, folder=True)
+    if llava.train is not None:
+        _check_local("data.llava.train", llava.train, folder=False)
+    if llava.image_folder is not None:
+        _check_local("data.llava.image_folder", llava.image_folder, folder=True)
+    for number in (1, 2):
+        given = llava.stage1 if number == 1 else llava.stage2
+        if given is not None:
+            _check_local(f"data.llava.stage{number}.path", given.path, folder=False)
+            if given.image_folder is not None:
+                _check_local(f"data.llava.stage{number}.image_folder", given.image_folder, folder=True)
     for i, ev in enumerate(llava.eval):
         _check_local(f"data.llava.eval[{i}].path", ev.path, folder=False)
         if ev.image_folder is not None:

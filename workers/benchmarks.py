@@ -101,19 +101,9 @@ class Split:
     # [n, len(LABEL_KINDS), S, S] uint8: what is drawn at each pixel (0 = background). Only
     # the vision tower's pretraining reads it (dense scene labels, never the question/answer).
     labels: np.ndarray | None = None
-    # The token ids that pad questions (on the left) and end answers: VOCAB's here, the
-    # checkpoint tokenizer's for LLaVA-format data.
+    # The token ids that pad questions (on the left) and end answers (VOCAB's)
     pad_id: int = TOKEN_ID["<pad>"]
     eos_id: int = EOS
-    # An eval set read from files (llava_data.py) is scored on generated answers: the
-    # reference answers (VQA keeps all ten), a multiple-choice example's options, the set's
-    # metric (workers/metrics.py), the decoding budget and the tokenizer's decode. None:
-    # exact match of the tokenized answer (the generated benchmarks).
-    references: list[list[str]] | None = None
-    options: list[list[str]] | None = None
-    metric: str = "exact"
-    max_new_tokens: int = 16
-    decode: Callable[[list[int]], str] | None = None
 
     def __len__(self) -> int:
         return len(self.images)
@@ -127,6 +117,14 @@ class Split:
         """1 on the answer tokens up to and including the first <eos>, 0 after it."""
         is_eos = self.answers[index] == self.eos_id
         return ((np.cumsum(is_eos, axis=1) - is_eos) == 0).astype(np.int64)
+
+    def batch(self, index: np.ndarray) -> dict[str, np.ndarray]:
+        """The examples `index` as VLM.forward takes them (numpy; workers/train.py's `_batch`
+        makes tensors): the same keys as a LLaVA set's batch where they apply."""
+        return {
+            "images": self.images[index], "questions": self.questions[index], "answers": self.answers[index],
+            "question_mask": self.question_mask(index), "answer_mask": self.answer_mask(index),
+        }
 
 
 # ---- rendering --------------------------------------------------------------------------

@@ -300,12 +300,22 @@ class VLM(nn.Module):
         return out.last_hidden_state[:, -1]
 
     def prefix(
-        self, images: torch.Tensor, questions: torch.Tensor, question_mask: torch.Tensor | None = None
+        self,
+        images: torch.Tensor,
+        questions: torch.Tensor,
+        question_mask: torch.Tensor | None = None,
+        heads: torch.Tensor | None = None,
+        head_mask: torch.Tensor | None = None,
+        image_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The embeddings [visual][question] the answer follows, and their attention mask."""
+        """The embeddings [head][visual][question] the answer follows, and their attention
+        mask. `heads`: what a chat template puts before the image (system prompt, user
+        header; none for the generated benchmarks); `image_mask` 0 masks a row's visual
+        tokens out (a text-only conversation)."""
         if question_mask is None:
             question_mask = torch.ones_like(questions)
-        question_embeds = self.llm.get_input_embeddings()(questions)
+        embed = self.llm.get_input_embeddings()
+        question_embeds = embed(questions)
         # images [B, 3, S, S], or a frozen tower's precomputed patch features [B, P, D]
         patches = images if images.dim() == 3 else self.vision(images)[1]
         query = self.query_embedding(question_embeds, question_mask) if self.compressor.uses_query else None
@@ -314,17 +324,25 @@ class VLM(nn.Module):
         if self.visual_position is not None:
             visual = visual + self.visual_position
         visual = visual.to(question_embeds.dtype)
-        ones = torch.ones(visual.shape[:2], dtype=question_mask.dtype, device=visual.device)
-        return torch.cat([visual, question_embeds], dim=1), torch.cat([ones, question_mask], dim=1)
+        visual_mask = torch.ones(visual.shape[:2], dtype=question_mask.dtype, device=visual.device)
+        if image_mask is not None:
+            visual_mask = visual_mask * image_mask[:, None].to(visual_mask.dtype)
+        parts, masks = [visual, question_embeds], [visual_mask, question_mask]
+        if heads is not None and heads.shape[1] > 0:
+            parts.insert(0, embed(heads))
+            masks.insert(0, torch.ones_like(heads) if head_mask is None else head_mask.to(question_mask.dtype))
+        return torch.cat(parts, dim=1), torch.cat(masks, dim=1)
 
     @torch.no_grad()
     def generate(
-        self, images: torch.Tensor, questions: torch.Tensor, question_mask: torch.Tensor, max_new_tokens: int, eos_id: int
+        self, images: torch.Tensor, questions: torch.Tensor, question_mask: torch.Tensor, max_new_tokens: int, eos_id: int,
+        **prefix_inputs: torch.Tensor,
     ) -> torch.Tensor:
         """Greedy decoding with the KV cache: [B, max_new_tokens] token ids, `eos_id` from
         each sequence's first <eos> on. Always `max_new_tokens` forward passes, so that the
-        ranks of a ZeRO-3 group, which gather weights in every pass, stay in step."""
-        prefix, mask = self.prefix(images, questions, question_mask)
+        ranks of a ZeRO-3 group, which gather weights in every pass, stay in step.
+        `prefix_inputs`: heads, head_mask, image_mask (see `prefix`)."""
+        prefix, mask = self.prefix(images, questions, question_mask, **prefix_inputs)
         out = self.llm(inputs_embeds=prefix, attention_mask=mask, position_ids=positions(mask), use_cache=True)
         tokens, done = [], torch.zeros(len(prefix), dtype=torch.bool, device=prefix.device)
         for _ in range(max_new_tokens):
@@ -346,17 +364,21 @@ class VLM(nn.Module):
         answers: torch.Tensor,
         question_mask: torch.Tensor | None = None,
         answer_mask: torch.Tensor | None = None,
+        loss_mask: torch.Tensor | None = None,
+        **prefix_inputs: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (loss over the answer tokens, logits at the answer positions [B, G, vocab]).
 
-        The sequence is [visual][question][answer]. `question_mask` marks the real question
-        tokens (0 on the left padding), `answer_mask` the answer tokens up to and including
-        the first <eos> (0 on the padding after it): both are masked out of attention, the
-        positions count real tokens only (as if the padding were not there), and the loss
-        covers exactly the masked-in answer tokens."""
+        The sequence is [head][visual][question][answer]. `question_mask` marks the real
+        question tokens (0 on the left padding), `answer_mask` the answer tokens up to and
+        including the first <eos> (0 on the padding after it): both are masked out of
+        attention, the positions count real tokens only (as if the padding were not there),
+        and the loss covers exactly the masked-in answer tokens, or those of `loss_mask`
+        when given (a multi-turn conversation: the gpt turns, not the human ones).
+        `prefix_inputs`: heads, head_mask, image_mask (see `prefix`)."""
         if answer_mask is None:
             answer_mask = torch.ones_like(answers)
-        prefix, prefix_mask = self.prefix(images, questions, question_mask)
+        prefix, prefix_mask = self.prefix(images, questions, question_mask, **prefix_inputs)
         inputs = torch.cat([prefix, self.llm.get_input_embeddings()(answers)], dim=1)
         mask = torch.cat([prefix_mask, answer_mask.to(prefix_mask.dtype)], dim=1)
         hidden = self.llm.model(inputs_embeds=inputs, attention_mask=mask, position_ids=positions(mask)).last_hidden_state
@@ -364,7 +386,7 @@ class VLM(nn.Module):
         start = prefix.shape[1] - 1
         logits = self.llm.lm_head(hidden[:, start : start + answers.shape[1]])
         per_token = nn.functional.cross_entropy(logits.float().flatten(0, 1), answers.flatten(), reduction="none")
-        weights = answer_mask.flatten().to(per_token.dtype)
+        weights = (answer_mask if loss_mask is None else loss_mask * answer_mask).flatten().to(per_token.dtype)
         loss = (per_token * weights).sum() / weights.sum().clamp(min=1)
         return loss, logits
 

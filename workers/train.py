@@ -30,7 +30,7 @@ from tokenscale.costs import inference_flops
 from tokenscale.store import result_row
 
 from .benchmarks import Split, generate
-from .model import VLM, encode_images, split_features
+from .model import VLM, split_features
 
 
 def _left_pad(split: Split, length: int) -> Split:
@@ -46,17 +46,26 @@ def load_splits(trial: TrialConfig) -> tuple[list[Split], list[Split]]:
     """Per-benchmark train and eval splits, questions left-padded to one common length so
     that a training batch can mix benchmarks (one benchmark per batch, round-robin, made
     Adam chase the last task's answer prior and nothing was learned from the images).
-    With `data.llava`, LLaVA-format files instead of the generated benchmarks."""
+    With `data.llava`: [stage 1's set, stage 2's set] and the eval sets, LLaVA-format files
+    read on demand (llava_data.LlavaSet), instead of the generated benchmarks."""
     data, size = trial.data, trial.vision.image_size
     if data.llava is not None:
         from . import llava_data
 
-        train, evals = llava_data.load_splits(trial)
-    else:
-        train = [generate(b, "train", data.train_examples, data.data_seed, size) for b in data.benchmarks]
-        evals = [generate(b, "eval", data.eval_examples, data.data_seed, size) for b in data.benchmarks]
+        return llava_data.load_sets(trial)  # type: ignore[return-value]
+    train = [generate(b, "train", data.train_examples, data.data_seed, size) for b in data.benchmarks]
+    evals = [generate(b, "eval", data.eval_examples, data.data_seed, size) for b in data.benchmarks]
     length = max(s.questions.shape[1] for s in train + evals)
     return [_left_pad(s, length) for s in train], [_left_pad(s, length) for s in evals]
+
+
+def stage_sources(trial: TrialConfig, train: list[Split]) -> dict[int, Any]:
+    """Each stage's training data: the generated benchmarks pooled, the same for both
+    stages; LLaVA's stage 1 and stage 2 sets."""
+    if trial.data.llava is not None:
+        return {1: train[0], 2: train[1]}
+    pool = pool_splits(train)
+    return {1: pool, 2: pool}
 
 
 def encode_splits(model: VLM, trial: TrialConfig, train: list[Split], evals: list[Split]) -> tuple[list[Split], list[Split]]:
@@ -65,12 +74,12 @@ def encode_splits(model: VLM, trial: TrialConfig, train: list[Split], evals: lis
     data, size = trial.data, trial.vision.image_size
 
     def encode(split: Split, name: str, n: int) -> Split:
-        if data.llava is not None:  # files can change under the same path: no disk cache
-            features = encode_images(model.vision, split.images)
-        else:
-            tag = f"{split.benchmark.name}-{name}-n{n}-img{size}"
-            features = split_features(model.vision, trial.vision, data.data_seed, split, tag)
+        tag = f"{split.benchmark.name}-{name}-n{n}-img{size}"
+        features = split_features(model.vision, trial.vision, data.data_seed, split, tag)
         return dataclasses.replace(split, images=features, labels=None)
+
+    if data.llava is not None:  # streamed: each batch's images go through the frozen tower
+        return train, evals
 
     return (
         [encode(s, "train", data.train_examples) for s in train],
@@ -83,7 +92,8 @@ def _check_token_ids(model: VLM, splits: list[Split]) -> None:
     of as an index error deep inside the first step."""
     vocab = model.llm.get_input_embeddings().num_embeddings
     for split in splits:
-        top = int(max(split.questions.max(initial=0), split.answers.max(initial=0)))
+        # a LLaVA set's ids are its tokenizer's: any of them may come
+        top = split.vocab_size - 1 if hasattr(split, "vocab_size") else int(max(split.questions.max(initial=0), split.answers.max(initial=0)))
         if top >= vocab:
             raise ValueError(
                 f"{split.benchmark.name}: token id {top} but the LM's embedding has {vocab} rows; "
@@ -103,11 +113,19 @@ class Stage:
     accumulation: int  # micro-batches per worker per optimizer step
 
 
-def stage_plan(trial: TrialConfig, number: int, world_size: int) -> Stage:
+def stage_plan(trial: TrialConfig, number: int, world_size: int, examples: int | None = None) -> Stage:
+    """Stage `number` on `world_size` workers; its steps are the train section's, or with
+    LLaVA data the stage's own `steps` / `epochs` over its `examples`."""
     train = trial.train
+    steps = train.stage1_steps if number == 1 else train.stage2_steps
+    llava = trial.data.llava
+    if llava is not None and examples is not None:
+        from .llava_data import stage_steps
+
+        steps = stage_steps(llava.stage(number), steps, examples, train.global_batch_of(number))
     return Stage(
         number=number,
-        steps=train.stage1_steps if number == 1 else train.stage2_steps,
+        steps=steps,
         lr=train.stage1_lr if number == 1 else train.stage2_lr,
         zero_stage=train.zero_stage_of(number),
         global_batch=train.global_batch_of(number),
@@ -139,15 +157,17 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
-def _batch(split: Split, index: np.ndarray, device: torch.device, dtype: torch.dtype):
-    """(images, questions, answers, question_mask, answer_mask): what VLM.forward takes."""
-    return (
-        torch.from_numpy(split.images[index]).to(device, dtype),
-        torch.from_numpy(split.questions[index]).to(device),
-        torch.from_numpy(split.answers[index]).to(device),
-        torch.from_numpy(split.question_mask(index)).to(device),
-        torch.from_numpy(split.answer_mask(index)).to(device),
-    )
+def _batch(split: Any, index: np.ndarray, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The examples `index` of a split (generated) or LLaVA set: what VLM.forward takes."""
+    return _tensors(split.batch(index), device, dtype)
+
+
+def _tensors(arrays: dict[str, np.ndarray], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A batch's numpy arrays as tensors on `device`; images (or features) in `dtype`."""
+    return {
+        name: torch.from_numpy(np.ascontiguousarray(array)).to(device, dtype if name == "images" else None)
+        for name, array in arrays.items()
+    }
 
 
 def warmup_cosine(steps: int, warmup_fraction: float):
@@ -225,13 +245,51 @@ def _mean_over_workers(value: float, world_size: int, device: torch.device) -> f
     return float(tensor.item()) / world_size
 
 
-def stage_step(engine: Any, pool: Split, index: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Forward and backward of the examples `index` of `pool`; DeepSpeed steps the optimizer
-    at the last micro-batch of an accumulation. Returns the loss."""
-    loss, _ = engine(*_batch(pool, index, device, dtype))
+def stage_step(engine: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Forward and backward of one micro-batch (`_batch`); DeepSpeed steps the optimizer at
+    the last micro-batch of an accumulation. Returns the loss."""
+    loss, _ = engine(**batch)
     engine.backward(loss)
     engine.step()
     return loss
+
+
+class MicroBatches:
+    """This worker's micro-batches of steps `start_step`..`steps` of a stage, in order, as a
+    map-style dataset: item k is the k-th micro-batch (numpy arrays). The examples are the
+    step function's (`global_batch_indices`, `worker_micro_batches`), so a DataLoader over it
+    reads ahead in worker processes without changing which examples come when."""
+
+    def __init__(self, source: Any, trial: TrialConfig, stage: Stage, rank: int, world_size: int, start_step: int):
+        self.source, self.seed, self.stage = source, trial.seed, stage
+        self.rank, self.world_size, self.start_step = rank, world_size, start_step
+        self.micro_batch = trial.train.micro_batch
+
+    def __len__(self) -> int:
+        return (self.stage.steps - self.start_step) * self.stage.accumulation
+
+    def indices(self, k: int) -> np.ndarray:
+        step, micro = divmod(k, self.stage.accumulation)
+        step += self.start_step
+        examples = global_batch_indices(self.seed, self.stage.number, step, len(self.source), self.stage.global_batch)
+        return worker_micro_batches(examples, self.rank, self.world_size, self.micro_batch, self.stage.accumulation)[micro]
+
+    def __getitem__(self, k: int) -> dict[str, np.ndarray]:
+        return self.source.batch(self.indices(k))
+
+
+def micro_batch_stream(batches: MicroBatches, loader_workers: int) -> Any:
+    """The micro-batches in order: read here (in memory, or `loader_workers` = 0), or by a
+    torch DataLoader whose worker processes read, decode and tokenize ahead."""
+    if loader_workers == 0:
+        return (batches[k] for k in range(len(batches)))
+    from torch.utils.data import DataLoader
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the loader's forks tokenize, not threads
+    return iter(DataLoader(
+        batches, batch_size=None, shuffle=False, num_workers=loader_workers, prefetch_factor=4,
+        collate_fn=lambda arrays: arrays,  # numpy stays numpy: the train loop makes the tensors
+    ))
 
 
 STATE_FILE = "state.json"  # beside DeepSpeed's files: where a checkpoint is in the trial
@@ -264,7 +322,7 @@ def run_stage(
     engine: Any,
     trial: TrialConfig,
     stage: Stage,
-    pool: Split,
+    source: Any,
     *,
     rank: int,
     world_size: int,
@@ -280,11 +338,14 @@ def run_stage(
     the last). `checkpoint(step, loss)` runs after every `train.checkpoint_every` steps."""
     every = trial.train.checkpoint_every
     losses: list[float] = list(previous_losses or [])
+    batches = MicroBatches(source, trial, stage, rank, world_size, start_step)
+    # in-memory splits are indexed here; LLaVA sets are read ahead by the loader's processes
+    workers = trial.data.llava.loader_workers if trial.data.llava is not None else 0
+    stream = micro_batch_stream(batches, workers)
     for step in range(start_step, stage.steps):
-        indices = global_batch_indices(trial.seed, stage.number, step, len(pool), stage.global_batch)
         micro_losses = []
-        for index in worker_micro_batches(indices, rank, world_size, trial.train.micro_batch, stage.accumulation):
-            micro_losses.append(stage_step(engine, pool, index, device, dtype).item())
+        for _ in range(stage.accumulation):
+            micro_losses.append(stage_step(engine, _tensors(next(stream), device, dtype)).item())
         losses.append(_mean_over_workers(float(np.mean(micro_losses)), world_size, device))
         if checkpoint is not None and every and (step + 1) % every == 0 and step + 1 < stage.steps:
             checkpoint(step + 1, losses[-10:])
@@ -359,7 +420,7 @@ def evaluate(
     module.eval()
     scores = []
     for split in splits:
-        if split.references is not None:
+        if not isinstance(split, Split):  # a LLaVA eval set: scored by its benchmark's metric
             scores.append(_evaluate_generated(module, split, device, dtype, rank, world_size))
             continue
         index, counted = _stride(len(split), rank, world_size)
@@ -367,8 +428,8 @@ def evaluate(
         for start in range(0, len(index), batch):
             chunk, keep = index[start : start + batch], counted[start : start + batch]
             inputs = _batch(split, chunk, device, dtype)
-            _, logits = module(*inputs)
-            answers, answer_mask = inputs[2], inputs[4]
+            _, logits = module(**inputs)
+            answers, answer_mask = inputs["answers"], inputs["answer_mask"]
             hits = ((logits.argmax(-1) == answers) | (answer_mask == 0)).all(dim=1).cpu().numpy()
             correct += int((hits & keep).sum())
         correct = round(_mean_over_workers(float(correct), world_size, device) * world_size)
@@ -386,39 +447,44 @@ def evaluate(
 
 
 def _evaluate_generated(
-    module: torch.nn.Module, split: Split, device: torch.device, dtype: torch.dtype, rank: int, world_size: int,
+    module: torch.nn.Module, split: Any, device: torch.device, dtype: torch.dtype, rank: int, world_size: int,
     batch: int = 64,
 ) -> BenchmarkScore:
-    """An eval set read from files, as the benchmarks score it: greedy answers (KV cache, at
-    most `max_new_tokens`), decoded, then the set's metric against its reference answers
-    (workers/metrics.py). Every rank decodes a stride; rank 0 gathers the texts and scores."""
+    """A LLaVA eval set (llava_data.LlavaSet), as the benchmarks score it: greedy answers
+    (KV cache, at most `max_new_tokens`), decoded, then the set's metric against its
+    reference answers (workers/metrics.py). Every rank decodes a stride; rank 0 gathers the
+    texts and scores."""
     from .metrics import score_set
 
     index, counted = _stride(len(split), rank, world_size)
-    mine: list[tuple[int, str, int]] = []  # (example, answer text, generated tokens incl. <eos>)
+    # (example, answer text, generated tokens incl. <eos>, prompt tokens: head + question)
+    mine: list[tuple[int, str, int, int]] = []
     for start in range(0, len(index), batch):
         chunk = index[start : start + batch]
-        images, questions, _, question_mask, _ = _batch(split, chunk, device, dtype)
-        generated = module.generate(images, questions, question_mask, split.max_new_tokens, split.eos_id).cpu().numpy()
-        for i, row, keep in zip(chunk, generated, counted[start : start + batch], strict=True):
+        inputs = _batch(split, chunk, device, dtype)
+        prompt = {k: inputs[k] for k in ("heads", "head_mask", "image_mask") if k in inputs}
+        generated = module.generate(
+            inputs["images"], inputs["questions"], inputs["question_mask"], split.max_new_tokens, split.eos_id, **prompt,
+        ).cpu().numpy()
+        text_tokens = inputs["question_mask"].sum(1) + (inputs["head_mask"].sum(1) if "head_mask" in inputs else 0)
+        for i, row, keep, tokens in zip(chunk, generated, counted[start : start + batch], text_tokens.tolist(), strict=True):
             if keep:
                 ids = row.tolist()
                 length = ids.index(split.eos_id) + 1 if split.eos_id in ids else len(ids)
-                mine.append((int(i), split.decode(ids[: length - (split.eos_id in ids)]), length))
+                mine.append((int(i), split.decode(ids[: length - (split.eos_id in ids)]), length, int(tokens)))
     if world_size > 1:
         import torch.distributed as dist
 
-        everyone: list[list[tuple[int, str, int]]] = [[] for _ in range(world_size)]
+        everyone: list[list[tuple[int, str, int, int]]] = [[] for _ in range(world_size)]
         dist.all_gather_object(everyone, mine)
         mine = [item for part in everyone for item in part]
     mine.sort()
-    predictions = [text for _, text, _ in mine]
-    score, _accuracy = score_set(split.metric, predictions, split.references, split.options)
-    text_tokens = float(split.question_mask().sum(axis=1).mean())
-    generated_tokens = float(np.mean([length for _, _, length in mine]))
+    predictions = [text for _, text, _, _ in mine]
+    references, options = split.scoring()
+    score, _accuracy = score_set(split.metric, predictions, references, options)
     return BenchmarkScore(
         split.benchmark.name, split.benchmark.task_family, score, split.benchmark.chance, len(split),
-        text_tokens, generated_tokens,
+        float(np.mean([tokens for *_, tokens in mine])), float(np.mean([length for _, _, length, _ in mine])),
     )
 
 
@@ -531,7 +597,7 @@ def train_and_evaluate(
     _check_token_ids(model, train_splits + eval_splits)
     if trial.vision.frozen:
         train_splits, eval_splits = encode_splits(model, trial, train_splits, eval_splits)
-    pool = pool_splits(train_splits)
+    sources = stage_sources(trial, train_splits)
 
     resumed = Progress.read(checkpoint_dir)
     first_stage = resumed.stage if resumed else 1
@@ -543,7 +609,7 @@ def train_and_evaluate(
     for number in (1, 2):
         if number < first_stage:
             continue
-        stage = stage_plan(trial, number, world_size)
+        stage = stage_plan(trial, number, world_size, examples=len(sources[number]))
         if carried is not None and trial.train.zero_stage_of(1) == 3:
             # ZeRO-3 partitioned stage 1's parameters in place: stage 2 starts from a clean model
             model = _build_model(trial, device, dtype)
@@ -567,7 +633,7 @@ def train_and_evaluate(
 
         resumed_here = resumed is not None and resumed.stage == number
         step_losses = run_stage(
-            engine, trial, stage, pool, rank=rank, world_size=world_size, start_step=start_step,
+            engine, trial, stage, sources[number], rank=rank, world_size=world_size, start_step=start_step,
             device=device, dtype=dtype, checkpoint=save, previous_losses=resumed.recent_losses if resumed_here else None,
         )
         last_loss = step_losses[-1] if step_losses else last_loss
