@@ -243,6 +243,74 @@ def test_chat_template_places_the_image_and_masks_human_turns(assets, monkeypatc
         load_splits(parse_grid(raw).trials()[0])
 
 
+def _captions(path, items) -> None:
+    """Stage 1's kind of data: one caption per image, as in LLaVA's 558k pairs."""
+    records = [
+        {"id": f"c{i}", "image": name, "conversations": [
+            {"from": "human", "value": "<image>\nDescribe the image"}, {"from": "gpt", "value": f"a {color} square"}]}
+        for i, (name, color) in enumerate(items)
+    ]
+    path.write_text(json.dumps(records))
+
+
+def test_each_stage_trains_on_its_own_data_for_its_epochs(assets, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TOKENSCALE_CACHE", str(tmp_path / "cache"))
+    from transformers import AutoTokenizer
+
+    from tokenscale.workers.train import MicroBatches, load_splits, stage_plan, stage_sources
+
+    data = assets["data"]
+    _captions(tmp_path / "captions.json", assets["train"][:40])
+    trial = _trial(assets, train=None, stage1={"path": str(tmp_path / "captions.json"), "epochs": 2},
+                   stage2={"path": str(data / "train.json"), "steps": 7})
+    sources = stage_sources(trial, load_splits(trial)[0])
+    assert (len(sources[1]), len(sources[2])) == (40, 49)
+    plans = {n: stage_plan(trial, n, world_size=1, examples=len(sources[n])) for n in (1, 2)}
+    assert plans[1].steps == 5 and plans[2].steps == 7  # ceil(2 x 40 / 16); as given
+    tokenizer = AutoTokenizer.from_pretrained(assets["llm"])
+    first = MicroBatches(sources[1], trial, plans[1], 0, 1, 0)[0]
+    captions = {tokenizer.decode(row[mask == 1]) for row, mask in zip(first["answers"], first["loss_mask"], strict=True)}
+    assert all(c.startswith("a ") and c.endswith(" square<eos>") for c in captions), captions
+    assert not first["question_mask"].any(), "stage 1 is LLaVA's plain template: the image, then the caption"
+    second = MicroBatches(sources[2], trial, plans[2], 0, 1, 0)[0]
+    assert second["question_mask"].any()
+
+
+def test_two_workers_read_disjoint_shards_that_cover_the_epoch(assets, tmp_path, monkeypatch):
+    """Each global batch split between the workers, no example twice in an epoch, every
+    example once; each worker's reader returns exactly its records."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TOKENSCALE_CACHE", str(tmp_path / "cache"))
+    from tokenscale.workers.train import MicroBatches, load_splits, stage_plan
+
+    raw = llava_grid(assets)
+    raw["train"].update(micro_batch=4, global_batch=16)  # 2 workers x 4 x accumulation 2
+    raw["data"]["llava"]["stage2"] = {  # 64 images + 1 text-only
+        "path": str(assets["data"] / "eval.json"), "image_folder": str(assets["data"] / "eval_images"), "epochs": 1,
+    }
+    trial = parse_grid(raw).trials()[0]
+    (_, stage2), _ = load_splits(trial)
+    plan = stage_plan(trial, 2, world_size=2, examples=len(stage2))
+    assert (len(stage2), plan.steps, plan.accumulation) == (65, 5, 2)
+    shards = {rank: MicroBatches(stage2, trial, plan, rank, 2, 0) for rank in (0, 1)}
+    from tokenscale.workers.train import global_batch_indices
+
+    steps = {rank: [[int(i) for k in (2 * step, 2 * step + 1) for i in b.indices(k)] for step in range(plan.steps)]
+             for rank, b in shards.items()}
+    for step in range(plan.steps):
+        mine, theirs = steps[0][step], steps[1][step]
+        assert not set(mine) & set(theirs), "the workers' shares of a step are disjoint"
+        assert sorted(mine + theirs) == sorted(global_batch_indices(trial.seed, 2, step, 65, 16).tolist())
+    epoch = [i for step in range(4) for rank in (0, 1) for i in steps[rank][step]]  # 64 of the epoch's 65
+    assert len(set(epoch)) == 64
+    everything = {i for rank in (0, 1) for step in steps[rank] for i in step}
+    assert everything == set(range(65)), "step 4 ends the epoch with its last example, then starts the next"
+    ids = [stage2.records[i]["id"] for i in shards[1].indices(0)]
+    batch = shards[1][0]
+    assert len(batch["images"]) == 4 and len(ids) == 4
+
+
 def test_loader_cuts_long_answers(assets, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TOKENSCALE_CACHE", str(tmp_path / "cache"))
@@ -395,6 +463,41 @@ def test_llava_data_from_s3(assets, s3_endpoint, monkeypatch, tmp_path):
     assert split.scoring() == (local.scoring()[0][:8], local.scoring()[1][:8])
     images = tmp_path / "cache" / "s3" / "tokenscale" / "llava" / "img"
     assert sorted(p.name for p in images.iterdir()) == sorted(name for name, _ in assets["eval"][:8])
+
+
+def test_a_trial_with_stage1_stage2_and_eval_data_on_s3(assets, s3_endpoint, monkeypatch, tmp_path):
+    """A whole trial whose captions (stage 1), instruction data (stage 2) and eval set all
+    live on s3:// (the loopback endpoint): it trains on both stages and learns the colours."""
+    import boto3
+
+    from tokenscale.workers.metrics import chance_floor
+    from tokenscale.workers.train import single_process_group, train_and_evaluate
+
+    monkeypatch.setenv("TOKENSCALE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    data = assets["data"]
+    _captions(tmp_path / "captions.json", assets["train"])
+    s3.upload_file(str(tmp_path / "captions.json"), "tokenscale", "llava/stage1.json")
+    s3.upload_file(str(data / "train.json"), "tokenscale", "llava/stage2.json")
+    s3.upload_file(str(data / "eval.json"), "tokenscale", "llava/eval.json")
+    for name, _ in assets["train"]:
+        s3.upload_file(str(data / "images" / name), "tokenscale", f"llava/train/{name}")
+    for name, _ in assets["eval"]:
+        s3.upload_file(str(data / "eval_images" / name), "tokenscale", f"llava/eval/{name}")
+    raw = llava_grid(assets)
+    raw["data"]["llava"] = {
+        "stage1": {"path": "s3://tokenscale/llava/stage1.json", "image_folder": "s3://tokenscale/llava/train", "epochs": 2},
+        "stage2": {"path": "s3://tokenscale/llava/stage2.json", "image_folder": "s3://tokenscale/llava/train"},
+        "eval": [{"name": "colors", "task_family": "reasoning", "path": "s3://tokenscale/llava/eval.json",
+                  "image_folder": "s3://tokenscale/llava/eval", "chance": 0.25}],
+    }
+    single_process_group("gloo")
+    metrics = train_and_evaluate(parse_grid(raw).trials()[0])
+    (row,) = metrics["rows"]
+    assert row["benchmark"] == "colors" and row["n_examples"] == 64
+    assert round(row["score"] * 64) >= chance_floor(64, 0.25, alpha=0.001), row
+    assert np.isfinite(metrics["stage1_loss"]) and np.isfinite(metrics["stage2_loss"])
 
 
 def _grid_error(raw) -> str:

@@ -438,9 +438,8 @@ class LlavaSet:
         return self.evaluation.max_new_tokens if self.evaluation else 16
 
     def _image_files(self, names: Sequence[str]) -> list[str]:
-        uris = [_join(self.image_folder, name) for name in names]
-        files = [local_file(u) for u in uris]
-        missing = [f for f in files if not os.path.isfile(f)]
+        files = [local_file(_join(self.image_folder, name)) for name in names]
+        missing = [name for name, f in zip(names, files, strict=True) if not os.path.isfile(f)]
         if missing:
             raise FileNotFoundError(f"{self.records.uri}: image {missing[0]!r} is not in {self.image_folder!r}")
         return files
