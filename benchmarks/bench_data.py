@@ -103,6 +103,7 @@ def measure(spec: dict) -> dict:
     import torch
 
     from tokenscale.config import parse_grid
+    from tokenscale.workers.llava_data import load_sets
     from tokenscale.workers.train import MicroBatches, _build_model, _tensors, micro_batch_stream, stage_plan
 
     torch.set_num_threads(1)
@@ -115,8 +116,6 @@ def measure(spec: dict) -> dict:
         "resources": {"workers": 1, "cpus_per_worker": 1},
     }
     trial = parse_grid(grid).trials()[0]
-    from tokenscale.workers.llava_data import load_sets
-
     started = time.perf_counter()
     (_, stage2), _ = load_sets(trial)  # the JSON's index is built here
     index_seconds = time.perf_counter() - started
