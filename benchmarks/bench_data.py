@@ -104,7 +104,13 @@ def measure(spec: dict) -> dict:
 
     from tokenscale.config import parse_grid
     from tokenscale.workers.llava_data import load_sets
-    from tokenscale.workers.train import MicroBatches, _build_model, _tensors, micro_batch_stream, stage_plan
+    from tokenscale.workers.train import (
+        MicroBatches,
+        _build_model,
+        _tensors,
+        micro_batch_stream,
+        stage_plan,
+    )
 
     torch.set_num_threads(1)
     grid = {
