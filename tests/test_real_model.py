@@ -622,3 +622,57 @@ def test_eval_sets_are_scored_on_generated_answers_by_their_metric(assets, tmp_p
     with_color = ["red"] * len(split)  # a model that always says the first color: VQA's 0.3 steps
     assert score_set("vqa", with_color, references)[0] != score_set("exact", with_color, references)[0]
     assert 1.0 <= score.generated_tokens_mean <= 3.0
+
+
+def test_kept_weights_are_scored_on_eval_sets_added_later(assets, tmp_path, monkeypatch, capsys):
+    """train.keep_final stores the final trainable weights; `tokenscale eval` rebuilds the
+    model from them and scores a new eval set without training, once: on the trial's own
+    eval data it reproduces the trial's own score."""
+    import yaml
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TOKENSCALE_CACHE", str(tmp_path / "cache"))
+    from tokenscale.cli import main
+    from tokenscale.orchestrator.driver import save_grid
+    from tokenscale.store import Store
+    from tokenscale.workers.train import single_process_group, train_loop_per_worker
+
+    raw = llava_grid(assets)
+    raw["train"]["keep_final"] = True
+    grid = parse_grid(raw)
+    trial = grid.trials()[0]
+    assert trial.config_hash == parse_grid(llava_grid(assets)).trials()[0].config_hash, "how, not what"
+    store = Store.open(str(tmp_path / "store"))
+    single_process_group("gloo")
+    own = train_loop_per_worker(trial, report=lambda *a, **k: None, latest_checkpoint=lambda: None, rank=0,
+                                world_size=1, store=store.uri)
+    assert store.exists(store.weights_key(grid.name, trial.compressor, trial.config_hash))
+    save_grid(grid, store)
+
+    later = tmp_path / "later.yaml"
+    data = assets["data"]
+    later.write_text(yaml.safe_dump({"eval": [
+        {"name": "colors-later", "task_family": "reasoning", "path": str(data / "eval.json"),
+         "image_folder": str(data / "eval_images"), "chance": 0.25},
+    ]}))
+    assert main(["eval", grid.name, "--eval", str(later), "--store", store.uri]) == 0
+    assert "1 new (trial, eval set) result(s); 0 already in the store" in capsys.readouterr().out
+    rows = store.read_results(grid.name).to_pylist()
+    by_benchmark = {r["benchmark"]: r for r in rows}
+    assert set(by_benchmark) == {"colors", "colors-ocr", "colors-later"}
+    assert by_benchmark["colors-later"]["score"] == by_benchmark["colors"]["score"] == own[0]["score"]
+    assert by_benchmark["colors-later"]["config_hash"] == trial.config_hash
+    key = store.eval_result_key(grid.name, trial.compressor, trial.config_hash, "colors-later")
+    before = store.get_bytes(key)
+    assert main(["eval", grid.name, "--eval", str(later), "--store", store.uri]) == 0  # exactly once
+    assert "0 new (trial, eval set) result(s); 1 already in the store" in capsys.readouterr().out
+    assert store.get_bytes(key) == before and len(store.read_results(grid.name)) == 3
+
+    same_name = tmp_path / "same.yaml"
+    same_name.write_text(later.read_text().replace("colors-later", "colors"))
+    assert main(["eval", grid.name, "--eval", str(same_name), "--store", store.uri]) == 2
+    assert "are the grid's own" in capsys.readouterr().err
+    no_folder = tmp_path / "nofolder.yaml"
+    no_folder.write_text(yaml.safe_dump({"eval": [{"name": "x", "task_family": "ocr", "path": str(data / "eval.json")}]}))
+    assert main(["eval", grid.name, "--eval", str(no_folder), "--store", store.uri]) == 2
+    assert "eval[0].image_folder: required here" in capsys.readouterr().err

@@ -234,6 +234,47 @@ def _read_points(path: str) -> tuple[list[float], list[float], list[float]]:
     return cols["llm_params"], cols["visual_tokens"], cols["error"]
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Each kept trial x each eval set without a result yet: one object of rows, written once."""
+    from tokenscale.config import load_eval_sets
+    from tokenscale.orchestrator.status import load_saved_grid
+
+    eval_sets = load_eval_sets(args.eval)
+    store = _store(args)
+    grid = load_saved_grid(store, args.grid)
+    own = {e.name for e in grid.data.llava.eval} if grid.data.llava else set()
+    if grid.data.llava is None:
+        raise CLIError(f"grid {grid.name!r} has no data.llava: eval sets are LLaVA-format and need the LLMs' tokenizers")
+    if own & {e.name for e in eval_sets}:
+        raise CLIError(f"eval set(s) {', '.join(sorted(own & {e.name for e in eval_sets}))} are the grid's own "
+                       "(scored when each trial finished); give new sets another name")
+    trials = grid.trials()
+    kept = [t for t in trials if store.exists(store.weights_key(t.grid, t.compressor, t.config_hash))]
+    if not kept:
+        raise CLIError(f"no trial of grid {grid.name!r} kept its weights in {store.uri}: "
+                       "run it with train: {keep_final: true}")
+    from tokenscale.store import arrow_schema
+    from tokenscale.workers.train import evaluate_kept
+
+    written = skipped = 0
+    for trial in kept:
+        todo = [e for e in eval_sets
+                if not store.exists(store.eval_result_key(trial.grid, trial.compressor, trial.config_hash, e.name))]
+        skipped += len(eval_sets) - len(todo)
+        if not todo:
+            continue
+        weights = store.get_bytes(store.weights_key(trial.grid, trial.compressor, trial.config_hash))
+        for eval_set in todo:
+            rows = evaluate_kept(trial, weights, [eval_set], trial.config_hash)
+            key = store.eval_result_key(trial.grid, trial.compressor, trial.config_hash, eval_set.name)
+            store.write_table(key, rows, arrow_schema("RESULT_SCHEMA"))
+            written += 1
+            print(f"{trial.trial_id} {eval_set.name}: score {rows[0]['score']:.4f} -> {key}", flush=True)
+    print(f"{written} new (trial, eval set) result(s); {skipped} already in the store; "
+          f"{len(trials) - len(kept)} trial(s) without kept weights")
+    return 0
+
+
 def cmd_fit(args: argparse.Namespace) -> int:
     from tokenscale.costs import FORMS, inference_flops
     from tokenscale.fitting.frontier import optimal_visual_tokens
@@ -493,6 +534,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flops", type=float, help="budget for the sum form's optimal V (default: the largest point's cost)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("eval", help="score a grid's kept trials (train.keep_final) on eval sets added later, without training")
+    p.add_argument("grid", help="grid name in the store")
+    p.add_argument("--eval", required=True, metavar="EVALSETS.yaml",
+                   help="YAML: {eval: [{name, task_family, path, image_folder, metric, prompt_suffix, ...}]}")
+    p.add_argument("--store", help=store_help)
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("serve", help="the Ray Serve API over the store's laws")
     p.add_argument("--store", help=store_help)

@@ -180,6 +180,11 @@ class TrainSpec(Model):
     )
     gradient_checkpointing: StrictBool = Field(False, description="recompute the LM's activations in backward")
     attention: Literal["sdpa", "eager"] = Field("sdpa", description="the LM's attention kernel")
+    keep_final: StrictBool = Field(
+        False,
+        description="keep the trial's final trainable weights (compressor + LM) in the store, so that "
+        "`tokenscale eval` can score it on eval sets added later",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -373,7 +378,7 @@ class TrialConfig(Model):
         if raw["llm"]["params"] is None:
             del raw["llm"]["params"]
         # how a trial is run, not what it computes
-        for key in ("checkpoint_every", "gradient_checkpointing", "zero_stage", "global_batch"):
+        for key in ("checkpoint_every", "gradient_checkpointing", "zero_stage", "global_batch", "keep_final"):
             raw["train"].pop(key, None)
         canonical = json.dumps(raw, sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
@@ -846,6 +851,41 @@ def load_grid(path: str | Path) -> Grid:
     except yaml.YAMLError as err:
         raise GridError(f"{path}: not valid YAML ({err})") from None
     return parse_grid(raw, str(path))
+
+
+class EvalSets(Model):
+    """`tokenscale eval`'s file: eval sets to score kept trials on, as in data.llava.eval."""
+
+    eval: tuple[LlavaEvalSpec, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique(self) -> EvalSets:
+        names = [e.name for e in self.eval]
+        if len(set(names)) != len(names):
+            raise _at("eval", f"names must be unique, got {names}")
+        for i, ev in enumerate(self.eval):
+            if ev.image_folder is None:
+                raise _at(f"eval[{i}].image_folder", "required here: there is no training image folder to default to")
+            _check_local(f"eval[{i}].path", ev.path, folder=False)
+            _check_local(f"eval[{i}].image_folder", ev.image_folder, folder=True)
+        return self
+
+
+def load_eval_sets(path: str | Path) -> tuple[LlavaEvalSpec, ...]:
+    """The eval sets of a YAML file `{eval: [{name, task_family, path, image_folder, ...}]}`."""
+    path = Path(path)
+    if not path.is_file():
+        raise GridError(f"{path}: no such eval-sets file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise GridError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(raw, dict):
+        raise GridError(f"{path}: the top level must be a mapping with the key eval (a list of eval sets)")
+    try:
+        return EvalSets.model_validate(raw).eval
+    except ValidationError as err:
+        raise GridError(f"{path}: {describe(err, EvalSets)}") from None
 
 
 def grid_to_dict(grid: Grid) -> dict[str, Any]:

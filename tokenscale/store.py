@@ -5,6 +5,9 @@ and readers (DuckDB, fitting, the Serve app) all go through this module, so the 
 the column set are defined once:
 
     <store>/<grid>/results/grid=<grid>/compressor=<c>/<config_hash>.parquet   one per trial
+    <store>/<grid>/results/grid=<grid>/compressor=<c>/<config_hash>.eval-<set>.parquet
+                                                           one per kept trial and later eval set
+    <store>/<grid>/weights/compressor=<c>/<config_hash>.pt                      train.keep_final
     <store>/<grid>/laws/laws.parquet                                            one per fit
     <store>/<grid>/laws/draws.parquet                                           its laws' bootstrap draws
     <store>/<grid>/plots/*.png
@@ -299,6 +302,14 @@ class Store:
 
     def result_key(self, grid: str, compressor: str, config_hash: str) -> str:
         return self.join(grid, "results", f"grid={grid}", f"compressor={compressor}", f"{config_hash}.parquet")
+
+    def eval_result_key(self, grid: str, compressor: str, config_hash: str, eval_set: str) -> str:
+        """The rows of an eval set scored after the trial (`tokenscale eval`): an object of
+        their own, beside the trial's, written once."""
+        return self.join(grid, "results", f"grid={grid}", f"compressor={compressor}", f"{config_hash}.eval-{eval_set}.parquet")
+
+    def weights_key(self, grid: str, compressor: str, config_hash: str) -> str:
+        return self.join(grid, "weights", f"compressor={compressor}", f"{config_hash}.pt")
 
     def results_glob(self, grid: str | None = None) -> str:
         return self.join(grid or "*", "results", "**", "*.parquet")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import json
 import math
 import os
@@ -666,9 +667,56 @@ def train_and_evaluate(
             train_seconds=train_seconds, eval_seconds=eval_seconds,
         )
         metrics["mean_score"] = float(np.mean([s.score for s in scores]))
+    if trial.train.keep_final:  # every rank: ZeRO-3 gathers the shards
+        final = _trainable_state(engine, trial.train.zero_stage_of(2)) if engine is not None else {
+            n: p.detach().float().cpu().clone() for n, p in model.named_parameters() if p.requires_grad
+        }
+        module = engine.module if engine is not None else model
+        # BatchNorm's running statistics (token_norm: batch) are buffers, not parameters
+        final.update({f"visual_norm.{n}": b.detach().cpu().clone() for n, b in module.visual_norm.named_buffers()})
+        if rank == 0:
+            metrics["final_weights"] = final_weights_bytes(final)
     if engine is not None:
         release(engine)
     return metrics
+
+
+def final_weights_bytes(state: dict[str, torch.Tensor]) -> bytes:
+    """The trainable parameters at the end of stage 2 (compressor + LM and the visual
+    norm / positions), fp32, as `torch.save` bytes: what `train.keep_final` stores."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def evaluate_kept(trial: TrialConfig, weights: bytes, eval_sets: list[Any], config_hash: str) -> list[dict[str, Any]]:
+    """Score a trial whose final weights were kept (`train.keep_final`) on LLaVA eval sets
+    (config.LlavaEvalSpec) it was not trained with: the model rebuilt as the trial built it
+    (frozen weights from their checkpoints), its trainable weights loaded, no training. One
+    result row per set, as the trial's own rows."""
+    from . import llava_data
+
+    if trial.data.llava is None:
+        raise ValueError("tokenscale eval scores LLaVA-format eval sets: the grid has no data.llava (no tokenizer)")
+    device = _device()
+    use_bf16 = trial.train.bf16 == "on" or (
+        trial.train.bf16 == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    )
+    dtype = torch.bfloat16 if use_bf16 else torch.float32
+    model = _build_model(trial, device, dtype)
+    sizes = ModelSizes.of(trial, model)
+    state = torch.load(io.BytesIO(weights), map_location=device, weights_only=True)
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in state]
+    if missing:
+        raise ValueError(f"the kept weights of {trial.trial_id} lack {len(missing)} trainable tensors, e.g. {missing[0]}")
+    model.load_state_dict(state, strict=False)
+    spec = trial.data.llava.model_copy(update={"eval": tuple(eval_sets)})
+    _, sets = llava_data.load_sets(trial.model_copy(update={"data": trial.data.model_copy(update={"llava": spec})}))
+    _check_token_ids(model, sets)
+    started = time.perf_counter()
+    scores = evaluate(model.to(dtype), sets, device, dtype)
+    return result_rows(trial, sizes, scores, config_hash=config_hash, train_seconds=0.0,
+                       eval_seconds=time.perf_counter() - started)
 
 
 def single_process_group(backend: str) -> None:
@@ -769,7 +817,11 @@ def train_loop_per_worker(
 
     metrics = train_and_evaluate(trial, rank, world_size, latest_checkpoint(), checkpoint, config_hash=config_hash)
     rows = metrics.pop("rows", None)
+    weights = metrics.pop("final_weights", None)
     if rank == 0 and store is not None:
-        Store.open(store).write_results(trial.grid, trial.compressor, config_hash, rows)
+        target = Store.open(store)
+        if weights is not None:  # before the result: a trial with a result has its weights
+            target.put_bytes(target.weights_key(trial.grid, trial.compressor, config_hash), weights)
+        target.write_results(trial.grid, trial.compressor, config_hash, rows)
     report(metrics)
     return rows
