@@ -676,3 +676,51 @@ def test_kept_weights_are_scored_on_eval_sets_added_later(assets, tmp_path, monk
     no_folder.write_text(yaml.safe_dump({"eval": [{"name": "x", "task_family": "ocr", "path": str(data / "eval.json")}]}))
     assert main(["eval", grid.name, "--eval", str(no_folder), "--store", store.uri]) == 2
     assert "eval[0].image_folder: required here" in capsys.readouterr().err
+
+
+def _final_metrics(stderr: str, rank: int) -> dict:
+    lines = [line for line in stderr.splitlines() if line.startswith(f"[rank {rank}/") and '"stage2_loss"' in line]
+    return json.loads(lines[-1].split(" ", 2)[2])
+
+
+def test_frozen_tower_features_are_built_once_into_the_store_split_across_workers(assets, tmp_path):
+    """A frozen tower's features: the first trial (2 workers under torchrun) splits the
+    missing shards between its ranks and writes them to <store>/features/; a second trial
+    with the same tower, preprocessing and data (another V) builds none and reads them."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    from tokenscale.store import Store
+
+    raw = llava_grid(assets)
+    raw["visual_tokens"] = [1, 4]
+    raw["train"].update(micro_batch=8, global_batch=16, stage2_steps=20)
+    raw["vision"]["token_norm"] = "none"  # LLaVA's projector: no per-worker BatchNorm
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump(raw))
+    store = tmp_path / "store"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "RAY_ADDRESS")}
+    env.update(TOKENSCALE_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    runs = []
+    for trial, workers in (("0", 2), ("1", 1)):
+        run = subprocess.run(
+            [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", str(workers),
+             "-m", "tokenscale.workers", str(grid), "--trial", trial, "--store", str(store), "--format", "jsonl"],
+            capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+        )
+        assert run.returncode == 0, run.stderr[-3000:]
+        runs.append(run)
+    built = [_final_metrics(runs[0].stderr, rank)["feature_shards_built"] for rank in (0, 1)]
+    # three files, one shard each (train.json read by both stages counts once): 2 + 1
+    assert sorted(built) == [1, 2], built
+    assert _final_metrics(runs[1].stderr, 0)["feature_shards_built"] == 0
+    shards = Store.open(str(store)).list(str(store / "features"), ".npy")
+    assert len(shards) == 3 and all(path.endswith("shard-000000.npy") for path in shards)
+    rows = sorted(np.load(p, mmap_mode="r").shape[0] for p in shards)
+    assert rows == [8, 49, 64]  # eval_ocr, train (48 images + the text-only record), eval
+    features = np.load(next(p for p in shards if np.load(p, mmap_mode="r").shape[0] == 49))
+    assert features.dtype == np.float16 and features.shape[1] == 16  # (32 / 8)^2 patches
+    assert not features[48].any(), "the text-only record's row is zeros"

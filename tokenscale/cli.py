@@ -265,7 +265,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             continue
         weights = store.get_bytes(store.weights_key(trial.grid, trial.compressor, trial.config_hash))
         for eval_set in todo:
-            rows = evaluate_kept(trial, weights, [eval_set], trial.config_hash)
+            rows = evaluate_kept(trial, weights, [eval_set], trial.config_hash, store=store.uri)
             key = store.eval_result_key(trial.grid, trial.compressor, trial.config_hash, eval_set.name)
             store.write_table(key, rows, arrow_schema("RESULT_SCHEMA"))
             written += 1

@@ -53,6 +53,7 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import hashlib
+import io
 import json
 import math
 import os
@@ -425,6 +426,9 @@ class LlavaSet:
     vocab_size: int
     evaluation: LlavaEvalSpec | None = None
     decode: Callable[[list[int]], str] | None = None
+    # a frozen tower's patch features of every record (FeatureShards): batches then carry
+    # them in place of the pixels, and the tower does not run
+    features: FeatureShards | None = None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -450,11 +454,7 @@ class LlavaSet:
         rows have an image."""
         records = [self.records[int(i)] for i in index]
         encoded = [self.formatter(r, prompt_only=self.evaluation is not None) for r in records]
-        images = np.zeros((len(records), *self.image_shape), np.float32)
-        with_image = [i for i, e in enumerate(encoded) if e.has_image]
-        if with_image:
-            files = self._image_files([records[i]["image"] for i in with_image])
-            images[with_image] = self.prep(open_images(files))
+        images = self.features.rows(index) if self.features is not None else self.pixels(records)
         heads, head_mask = _pad([e.head for e in encoded], self.pad_id, left=True)
         questions, question_mask = _pad([e.question for e in encoded], self.pad_id, left=True)
         answers, answer_mask = _pad([e.answer for e in encoded], self.eos_id, left=False)
@@ -464,6 +464,15 @@ class LlavaSet:
             "answer_mask": answer_mask, "loss_mask": loss_mask, "heads": heads, "head_mask": head_mask,
             "image_mask": np.asarray([e.has_image for e in encoded], np.int64),
         }
+
+    def pixels(self, records: Sequence[dict]) -> np.ndarray:
+        """[n, 3, S, S] float32: the records' images, preprocessed; zeros for a text-only one."""
+        images = np.zeros((len(records), *self.image_shape), np.float32)
+        with_image = [i for i, r in enumerate(records) if isinstance(r.get("image"), str) and r["image"]]
+        if with_image:
+            files = self._image_files([records[i]["image"] for i in with_image])
+            images[with_image] = self.prep(open_images(files))
+        return images
 
     def scoring(self) -> tuple[list[list[str]], list[list[str]]]:
         """(each example's reference answers, its options): the record's `answers` (VQA's
@@ -530,3 +539,104 @@ def load_sets(trial: TrialConfig) -> tuple[list[LlavaSet], list[LlavaSet]]:
         for e in spec.eval
     ]
     return stages, evals
+
+
+# ---- a frozen tower's features, computed once and shared through the store ----------------
+
+FEATURE_VERSION = 1  # bump when what a shard holds changes (layer, dtype, layout)
+SHARD_RECORDS = 64  # records per shard: CLIP-L/14-336 in float16 is 1.2 MB a record
+
+
+def tower_identity(tower, vision: VisionSpec, aspect: str) -> str:
+    """What a tower's features of an image are a function of: its weights (a digest of
+    every tensor, so a checkpoint, a pretrained tiny tower and a seeded random one are told
+    apart) and the preprocessing (the processor's config, the aspect handling)."""
+    digest = hashlib.sha256(f"{FEATURE_VERSION}|{aspect}|{vision.image_size}|{vision.patch_size}".encode())
+    if vision.path:
+        processor = _checkpoint_file(vision.path, "preprocessor_config.json")
+        if processor is not None:
+            with open(processor, "rb") as f:
+                digest.update(f.read())
+    for name, tensor in sorted(tower.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def feature_key(tower: str, records: Records) -> str:
+    """A set's features: the tower (`tower_identity`) and the data file."""
+    digest = hashlib.sha256(tower.encode())
+    size = os.path.getsize(records.path)
+    mtime = "" if records.uri.startswith("s3://") else os.stat(records.path).st_mtime_ns  # s3://: immutable by key
+    digest.update(f"|{records.uri}|{size}|{mtime}|{INDEX_VERSION}|{len(records)}".encode())
+    return digest.hexdigest()[:24]
+
+
+class FeatureShards:
+    """A set's frozen-tower patch features as shards of `SHARD_RECORDS` records (float16
+    .npy, [records, patches, dim]) under `<store>/features/<key>/`, or under the local cache
+    without a store. A shard is written whole, once (one PUT / atomic rename); readers keep
+    a local copy and memory-map it, so a batch's rows cost no more than their bytes."""
+
+    def __init__(self, key: str, n: int, store_uri: str | None):
+        self.key, self.n = key, n
+        self.store_uri = store_uri
+        local_root = cache_dir() or os.path.join(tempfile.gettempdir(), "tokenscale")
+        self.local = os.path.join(local_root, "features", key)
+        self._open: dict[int, np.ndarray] = {}
+
+    @property
+    def shards(self) -> int:
+        return -(-self.n // SHARD_RECORDS)
+
+    def uri(self, k: int) -> str:
+        name = f"shard-{k:06d}.npy"
+        if self.store_uri is None:
+            return os.path.join(self.local, name)
+        return Store.open(self.store_uri).join("features", self.key, name)
+
+    def missing(self) -> list[int]:
+        store = Store(self.uri(0))
+        return [k for k in range(self.shards) if not store.exists(self.uri(k))]
+
+    def build(self, k: int, encode: Callable[[np.ndarray], np.ndarray], llava_set: LlavaSet) -> None:
+        """Encode shard k's images (`encode`: pixels -> [n, P, D] features) and write it."""
+        rows = range(k * SHARD_RECORDS, min(self.n, (k + 1) * SHARD_RECORDS))
+        records = [llava_set.records[i] for i in rows]
+        pixels = llava_set.pixels(records)
+        features = encode(pixels).astype(np.float16)
+        for i, record in enumerate(records):  # a text-only record's row: zeros (masked out anyway)
+            if not (isinstance(record.get("image"), str) and record["image"]):
+                features[i] = 0
+        buffer = io.BytesIO()
+        np.save(buffer, features)
+        uri = self.uri(k)
+        if uri.startswith("s3://"):
+            Store(uri).put_bytes(uri, buffer.getvalue())
+        else:
+            write_atomically(uri, lambda f: f.write(buffer.getvalue()))
+
+    def _shard(self, k: int) -> np.ndarray:
+        if k not in self._open:
+            uri = self.uri(k)
+            path = local_file_at(uri, os.path.join(self.local, os.path.basename(uri))) if uri.startswith("s3://") else uri
+            if len(self._open) >= 8:  # a few shards open at a time: a batch draws from many
+                self._open.pop(next(iter(self._open)))
+            self._open[k] = np.load(path, mmap_mode="r")
+        return self._open[k]
+
+    def rows(self, index: Sequence[int] | np.ndarray) -> np.ndarray:
+        """[len(index), P, D] float32: the features of records `index` (as the tower gave
+        them, rounded to float16 in every trial alike)."""
+        return np.stack([self._shard(int(i) // SHARD_RECORDS)[int(i) % SHARD_RECORDS] for i in index]).astype(np.float32)
+
+    def __getstate__(self) -> dict:  # DataLoader workers open their own maps
+        return {**self.__dict__, "_open": {}}
+
+
+def local_file_at(uri: str, path: str) -> str:
+    """`uri` (s3://) downloaded once to `path`."""
+    if not os.path.exists(path):
+        data = Store(uri).get_bytes(uri)
+        write_atomically(path, lambda f: f.write(data))
+    return path

@@ -31,7 +31,7 @@ from tokenscale.costs import inference_flops
 from tokenscale.store import result_row
 
 from .benchmarks import Split, generate
-from .model import VLM, split_features
+from .model import VLM, encode_images, split_features
 
 
 def _left_pad(split: Split, length: int) -> Split:
@@ -86,6 +86,39 @@ def encode_splits(model: VLM, trial: TrialConfig, train: list[Split], evals: lis
         [encode(s, "train", data.train_examples) for s in train],
         [encode(s, "eval", data.eval_examples) for s in evals],
     )
+
+
+def attach_features(model: VLM, trial: TrialConfig, sets: list[Any], store: str | None, rank: int, world_size: int) -> int:
+    """Give each LLaVA set its frozen tower's features (llava_data.FeatureShards): the
+    shards not yet in the store are split across the workers (rank 0 decides which are
+    missing, each rank builds every world_size-th of them), then everyone waits for all of
+    them. A later trial with the same tower, preprocessing and data builds none. Returns
+    the shards this rank built."""
+    from .llava_data import FeatureShards, feature_key, tower_identity
+
+    assert trial.data.llava is not None
+    tower = tower_identity(model.vision, trial.vision, trial.data.llava.image_aspect)
+    shards = [FeatureShards(feature_key(tower, s.records), len(s), store) for s in sets]
+    # every missing (set, shard) once, even when two sets read the same file (stage 1 and 2)
+    todo: list[Any] = [None]
+    if rank == 0:
+        first = {}
+        for i, shard_set in enumerate(shards):
+            first.setdefault(shard_set.key, i)
+        todo[0] = [(i, k) for i, shard_set in enumerate(shards) if first[shard_set.key] == i for k in shard_set.missing()]
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.broadcast_object_list(todo, src=0)
+    built = 0
+    for i, k in todo[0][rank::world_size]:
+        shards[i].build(k, lambda pixels: encode_images(model.vision, pixels), sets[i])
+        built += 1
+    if world_size > 1:
+        dist.barrier()  # every shard is in place before anyone reads
+    for llava_set, shard_set in zip(sets, shards, strict=True):
+        llava_set.features = shard_set
+    return built
 
 
 def _check_token_ids(model: VLM, splits: list[Split]) -> None:
@@ -580,8 +613,12 @@ def train_and_evaluate(
     checkpoint: Checkpoint | None = None,
     *,
     config_hash: str | None = None,
+    store: str | None = None,
 ) -> dict[str, Any]:
     """Both stages then eval; returns metrics (with the result `rows` on rank 0).
+
+    With LLaVA data and a frozen tower, the sets' patch features are computed once into
+    shards under `<store>/features/` (the local cache without a store) and read from there.
 
     `checkpoint_dir` (a retried trial's last checkpoint) resumes where it was taken: in
     stage 1 or 2, at its optimizer step, with its optimizer, schedule and RNG state; the
@@ -598,6 +635,9 @@ def train_and_evaluate(
     _check_token_ids(model, train_splits + eval_splits)
     if trial.vision.frozen:
         train_splits, eval_splits = encode_splits(model, trial, train_splits, eval_splits)
+    shards_built = 0
+    if trial.data.llava is not None and trial.vision.frozen:
+        shards_built = attach_features(model, trial, train_splits + eval_splits, store, rank, world_size)
     sources = stage_sources(trial, train_splits)
 
     resumed = Progress.read(checkpoint_dir)
@@ -656,6 +696,7 @@ def train_and_evaluate(
         "train_seconds": train_seconds,
         "resumed_from_stage": resumed.stage if resumed else 0,
         "resumed_from_step": resumed.step if resumed else 0,
+        "feature_shards_built": shards_built,
     }
     started = time.perf_counter()
     module = engine.module if engine is not None else model.to(dtype)
@@ -689,7 +730,9 @@ def final_weights_bytes(state: dict[str, torch.Tensor]) -> bytes:
     return buffer.getvalue()
 
 
-def evaluate_kept(trial: TrialConfig, weights: bytes, eval_sets: list[Any], config_hash: str) -> list[dict[str, Any]]:
+def evaluate_kept(
+    trial: TrialConfig, weights: bytes, eval_sets: list[Any], config_hash: str, store: str | None = None,
+) -> list[dict[str, Any]]:
     """Score a trial whose final weights were kept (`train.keep_final`) on LLaVA eval sets
     (config.LlavaEvalSpec) it was not trained with: the model rebuilt as the trial built it
     (frozen weights from their checkpoints), its trainable weights loaded, no training. One
@@ -713,6 +756,8 @@ def evaluate_kept(trial: TrialConfig, weights: bytes, eval_sets: list[Any], conf
     spec = trial.data.llava.model_copy(update={"eval": tuple(eval_sets)})
     _, sets = llava_data.load_sets(trial.model_copy(update={"data": trial.data.model_copy(update={"llava": spec})}))
     _check_token_ids(model, sets)
+    if trial.vision.frozen:  # the features the trial's own sets were scored on: float16-rounded
+        attach_features(model, trial, sets, store, 0, 1)
     started = time.perf_counter()
     scores = evaluate(model.to(dtype), sets, device, dtype)
     return result_rows(trial, sizes, scores, config_hash=config_hash, train_seconds=0.0,
@@ -815,7 +860,9 @@ def train_loop_per_worker(
                     json.dump(dataclasses.asdict(progress), f)
             report({"stage": progress.stage, "step": progress.step, "checkpoint": progress.tag}, tmp)
 
-    metrics = train_and_evaluate(trial, rank, world_size, latest_checkpoint(), checkpoint, config_hash=config_hash)
+    metrics = train_and_evaluate(
+        trial, rank, world_size, latest_checkpoint(), checkpoint, config_hash=config_hash, store=store,
+    )
     rows = metrics.pop("rows", None)
     weights = metrics.pop("final_weights", None)
     if rank == 0 and store is not None:
