@@ -268,6 +268,13 @@ def test_each_stage_trains_on_its_own_data_for_its_epochs(assets, tmp_path, monk
     assert (len(sources[1]), len(sources[2])) == (40, 49)
     plans = {n: stage_plan(trial, n, world_size=1, examples=len(sources[n])) for n in (1, 2)}
     assert plans[1].steps == 5 and plans[2].steps == 7  # ceil(2 x 40 / 16); as given
+    from tokenscale.config import trial_training_flops
+
+    assert trial_training_flops(trial) is None, "epochs: the examples are counted by the worker, not by plan"
+    steps_only = _trial(assets, train=None, stage1={"path": str(tmp_path / "captions.json"), "steps": 3},
+                        stage2={"path": str(data / "train.json"), "steps": 7})
+    per_step = trial_training_flops(steps_only) / (3 * 16 + 7 * 16)
+    assert per_step == pytest.approx(trial_training_flops(_trial(assets)) / (10 * 16 + 100 * 16))
     tokenizer = AutoTokenizer.from_pretrained(assets["llm"])
     first = MicroBatches(sources[1], trial, plans[1], 0, 1, 0)[0]
     captions = {tokenizer.decode(row[mask == 1]) for row, mask in zip(first["answers"], first["loss_mask"], strict=True)}

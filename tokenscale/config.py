@@ -622,8 +622,16 @@ def trial_training_flops(trial: TrialConfig) -> float | None:
     params = planned_llm_params(trial.llm)
     if params is None:
         return None
-    train = trial.train
-    examples = train.stage1_steps * train.global_batch_of(1) + train.stage2_steps * train.global_batch_of(2)
+    train, llava = trial.train, trial.data.llava
+    steps = {1: train.stage1_steps, 2: train.stage2_steps}
+    if llava is not None:
+        for number in (1, 2):
+            stage = llava.stage(number)
+            if stage is not None and stage.epochs is not None:
+                return None  # steps = epochs x examples / batch: the examples are counted by the worker
+            if stage is not None and stage.steps is not None:
+                steps[number] = stage.steps
+    examples = steps[1] * train.global_batch_of(1) + steps[2] * train.global_batch_of(2)
     return training_flops(params, examples * _tokens_per_example(trial))
 
 

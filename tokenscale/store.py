@@ -8,6 +8,7 @@ the column set are defined once:
     <store>/<grid>/results/grid=<grid>/compressor=<c>/<config_hash>.eval-<set>.parquet
                                                            one per kept trial and later eval set
     <store>/<grid>/weights/compressor=<c>/<config_hash>.pt                      train.keep_final
+    <store>/features/<key>/shard-<k>.npy       a frozen tower's LLaVA features (workers/llava_data.py)
     <store>/<grid>/laws/laws.parquet                                            one per fit
     <store>/<grid>/laws/draws.parquet                                           its laws' bootstrap draws
     <store>/<grid>/plots/*.png
