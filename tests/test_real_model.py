@@ -731,3 +731,33 @@ def test_frozen_tower_features_are_built_once_into_the_store_split_across_worker
     features = np.load(next(p for p in shards if np.load(p, mmap_mode="r").shape[0] == 49))
     assert features.dtype == np.float16 and features.shape[1] == 16  # (32 / 8)^2 patches
     assert not features[48].any(), "the text-only record's row is zeros"
+
+
+def test_padding_in_a_chat_batch_changes_nothing(assets, tmp_path, monkeypatch):
+    """[head][visual][question][answer] with padding in the head, the question and the
+    answer, and a text-only row beside: each example's logits are those it gets alone."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TOKENSCALE_CACHE", str(tmp_path / "cache"))
+    from tokenscale.workers.train import _build_model, _tensors, load_splits
+
+    records = json.loads((assets["data"] / "train.json").read_text())
+    records[1]["conversations"][0]["value"] = "<image>\nWhat color is the square? Describe the image"  # longer
+    records[2]["conversations"] = records[2]["conversations"][:2]  # shorter answer
+    (tmp_path / "mixed.json").write_text(json.dumps([records[0], records[1], records[2], records[-1]]))
+    raw = llava_grid(assets, train=str(tmp_path / "mixed.json"))
+    raw["llms"] = [{"name": "qwen-tiny-chat", "path": str(assets["chat_llm"])}]
+    raw["vision"]["token_norm"] = "none"
+    trial = parse_grid(raw).trials()[0]
+    (_, stage2), _ = load_splits(trial)
+    model = _build_model(trial, torch.device("cpu"), torch.float32).eval()
+    together = stage2.batch(np.arange(4))
+    assert together["image_mask"].tolist() == [1, 1, 1, 0]
+    for mask in ("head_mask", "question_mask", "answer_mask"):  # padding in every part
+        assert (together[mask] == 0).any(), mask
+    with torch.no_grad():
+        _, logits = model(**_tensors(together, torch.device("cpu"), torch.float32))
+        for row in range(4):
+            alone = stage2.batch(np.array([row]))
+            _, single = model(**_tensors(alone, torch.device("cpu"), torch.float32))
+            length = int(alone["answer_mask"].sum())
+            torch.testing.assert_close(logits[row, :length], single[0, :length], atol=2e-5, rtol=1e-4)
