@@ -336,10 +336,12 @@ def resume_grid(store: Store, name: str, verbose: int = 1, ray_storage_uri: str 
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs)
         summary.restored_from = f"{ray_root}/{TUNE_NAME}"
         _collect(tuner.fit(), summary)
-        # trials that were never part of the saved experiment (the grid grew): run them too
-        still = [t for t in trials if not store.has_result(t.grid, t.compressor, t.config_hash)]
-        if still and summary.errored == 0:
-            summary.errored = len(still)
+        # cells the saved experiment never had (the grid grew: an LLM, a token budget or a
+        # compressor added to the YAML): a run of the grid starts exactly those
+        if summary.errored == 0 and any(not store.has_result(t.grid, t.compressor, t.config_hash) for t in trials):
+            grown = run_grid(grid, store, verbose, ray_storage_uri)
+            summary.errored = grown.errored
+            summary.trial_metrics += grown.trial_metrics
     summary.finished = summary.trials - summary.already_done - summary.errored
     summary.wall_seconds = time.perf_counter() - started
     return summary

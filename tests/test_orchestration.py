@@ -231,3 +231,37 @@ def test_store_down_during_write_errors_cleanly_then_resume_completes(s3_endpoin
     finally:
         ray.shutdown()
         proxy.stop()
+
+
+def test_a_grown_grid_runs_only_its_new_cells(tmp_path):
+    """An LLM, a token budget added to the YAML: `run` starts only the new cells, and so does
+    `resume` when the saved grid has cells its Tune experiment never had."""
+    from tokenscale.orchestrator.driver import resume_grid, save_grid
+
+    def grid(llms: int, visual_tokens: tuple[int, ...]):
+        return parse_grid(tiny_grid("grows", llms=llms, visual_tokens=visual_tokens, max_concurrent_trials=1))
+
+    store = Store.open(str(tmp_path / "store"))
+
+    def finished_at() -> dict[str, object]:
+        table = store.read_results("grows")
+        return dict(zip(table["config_hash"].to_pylist(), table["finished_at"].to_pylist(), strict=True))
+
+    init_ray()
+    try:
+        first = run_grid(grid(1, (1,)), store, verbose=0)
+        assert (first.finished, first.errored) == (1, 0)
+        before = finished_at()
+        again = run_grid(grid(1, (1, 4)), store, verbose=0)  # a token budget more
+        assert (again.already_done, again.finished, again.errored) == (1, 1, 0), again
+        # the grid grows again (an LLM more) and the driver dies before Tune sees it
+        save_grid(grid(2, (1, 4)), store)
+        resumed = resume_grid(store, "grows", verbose=0)
+        assert resumed.restored_from, "Tune's experiment was restored first"
+        assert (resumed.trials, resumed.already_done, resumed.finished, resumed.errored) == (4, 2, 2, 0), resumed
+    finally:
+        ray.shutdown()
+    after = finished_at()
+    assert len(after) == 4 and all(after[h] == t for h, t in before.items()), "a finished cell never runs again"
+    _, rows = query(store, "select count(*), count(distinct config_hash) from results")
+    assert rows == [(4 * 2, 4)]
