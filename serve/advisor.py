@@ -314,6 +314,34 @@ def _check_token_counts(text_tokens: float, generated_tokens: float) -> tuple[fl
     return text_tokens, generated_tokens
 
 
+def _runner_up(opts: Options, costs: np.ndarray, flops: float, chosen: int, shares: np.ndarray) -> int | None:
+    """The index of the candidate, other than `chosen`, that is the choice in the most stored
+    draws at this budget (ties, and answers without draws: the lower predicted error, then
+    the cheaper); None when no other candidate within the budget has a predicted error."""
+    errors = opts.menu.errors
+    others = np.flatnonzero((costs <= flops) & np.isfinite(errors))
+    others = others[others != chosen]
+    if others.size == 0:
+        return None
+    share = np.nan_to_num(shares[others], nan=0.0)
+    return int(others[np.lexsort((others, costs[others], errors[others], -share))[0]])
+
+
+def _candidate_fields(opts: Options, i: int, costs: np.ndarray) -> dict:
+    """A candidate as an answer names it: identity, predicted error with its CI, cost."""
+    c = opts.candidates[i]
+    return {
+        "llm": c.llm,
+        "llm_params": int(c.llm_params),
+        "visual_tokens": int(c.visual_tokens),
+        "compressor": c.compressor,
+        "predicted_error": finite_or_none(opts.menu.errors[i]),
+        "predicted_error_lo": finite_or_none(opts.error_lo[i]),
+        "predicted_error_hi": finite_or_none(opts.error_hi[i]),
+        "flops": float(costs[i]),
+    }
+
+
 class Advisor:
     """Answers from one snapshot; immutable, so the app swaps a new one in atomically."""
 
@@ -375,7 +403,9 @@ class Advisor:
         """The candidate with the lowest predicted error among those costing at most `flops`
         per query (ties: the cheaper), as `fitting.frontier.choose` picks it, with the
         prediction's CI over the stored draws, the share of those draws in which it is the
-        choice, and the continuous optimum (V*, N*) at this budget."""
+        choice (`optimal_share`, also as `p_optimal`), the runner-up (the other candidate
+        chosen in the most draws) with its share, and the continuous optimum (V*, N*) at
+        this budget."""
         flops = check_number("flops", flops, low=0.0, high=MAX_FLOPS, low_inclusive=False,
                              example="the inference budget per query in FLOPs, e.g. 2e12")
         text_tokens, generated_tokens = _check_token_counts(text_tokens, generated_tokens)
@@ -385,11 +415,18 @@ class Advisor:
         except BudgetError as err:
             raise BadRequest(str(err)) from None
         costs = opts.menu.costs(text_tokens, generated_tokens)
-        share = choice_shares(opts.draw_errors, costs, flops)[opts.index[choice.candidate]]
+        shares = choice_shares(opts.draw_errors, costs, flops)
+        chosen = opts.index[choice.candidate]
+        runner_up = _runner_up(opts, costs, flops, chosen, shares)
         return {
             **self._header(opts, task, form, text_tokens, generated_tokens),
             "budget_flops": flops,
-            **self._point(opts, choice, flops, text_tokens, generated_tokens, share),
+            **self._point(opts, choice, flops, text_tokens, generated_tokens, shares[chosen]),
+            # the decision's own certainty: how often the bootstrap refits agree with it, and
+            # the alternative they favour most (optimal_share above is the same number)
+            "p_optimal": finite_or_none(shares[chosen]),
+            "runner_up": None if runner_up is None else _candidate_fields(opts, runner_up, costs),
+            "runner_up_p_optimal": None if runner_up is None else finite_or_none(shares[runner_up]),
         }
 
     def frontier(

@@ -1,6 +1,7 @@
 """The Ray Serve app: FastAPI ingress over `Advisor`, hot-reloading laws from the store.
 
-    GET /optimal   best grid candidate within a FLOP budget per query, with its CI and V*
+    GET /optimal   best grid candidate within a FLOP budget per query, with its CI, V*, the
+                   share of bootstrap draws that choose it (p_optimal) and the runner-up
     GET /frontier  Pareto frontier of the candidates
     GET /laws      fitted laws with their CIs
     GET /trials    best observed trials of a task family
@@ -133,8 +134,29 @@ class AnswerHeader(BaseModel):
     ci_level: float | None
 
 
+class RunnerUp(BaseModel):
+    """The other candidate within the budget that the most bootstrap draws choose."""
+
+    llm: str | None
+    llm_params: int
+    visual_tokens: int
+    compressor: str | None
+    predicted_error: float | None
+    predicted_error_lo: float | None
+    predicted_error_hi: float | None
+    flops: float = Field(description="its inference FLOPs per query")
+
+
 class OptimalAnswer(Point, AnswerHeader):
     budget_flops: float
+    p_optimal: float | None = Field(
+        description="share of the law's stored bootstrap draws in which the answer is the choice at this budget "
+                    "(= optimal_share); null without stored draws")
+    runner_up: RunnerUp | None = Field(
+        description="the other candidate within the budget that is the choice in the most draws (ties, or no "
+                    "draws: the next-lowest predicted error); null when no other candidate fits the budget")
+    runner_up_p_optimal: float | None = Field(
+        description="share of the draws in which the runner-up is the choice; null without draws or runner-up")
 
 
 class FrontierAnswer(AnswerHeader):

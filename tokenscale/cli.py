@@ -331,6 +331,58 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- replay ------------------------------------------------------------------------------
+
+
+def _read_compressors(path: str) -> list[str] | None:
+    """The optional `compressor` column of a points CSV (`_read_points` reads the numbers):
+    one name per row, or None when the file has no such column."""
+    with Path(path).open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        if "compressor" not in (reader.fieldnames or []):
+            return None
+        names = []
+        for line, row in enumerate(reader, start=2):
+            name = (row["compressor"] or "").strip()
+            if not name:
+                raise CLIError(f"--points: {path} line {line}: empty compressor; name one on every row, or drop the column")
+            names.append(name)
+    return names
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from tokenscale.costs import FORMS
+    from tokenscale.fitting.adaptive import DECISION_TEXT_TOKENS, Settings, replay
+
+    form = args.form or FORMS[0]
+    if form not in FORMS:
+        raise CLIError(f"--form {form!r}: choose one of {', '.join(FORMS)}")
+    text_tokens = tuple(dict.fromkeys(args.text_tokens)) if args.text_tokens else DECISION_TEXT_TOKENS
+    for q in text_tokens:
+        _number("--text-tokens", q, low=0.0, low_inclusive=True)
+    _number("--threshold", args.threshold, low=0.0, low_inclusive=False, high=1.0, what=" (a share of the draws)")
+    if args.max_trials is not None and args.max_trials < 1:
+        raise CLIError(f"--max-trials {args.max_trials}: give at least 1 trial")
+    n, v, e = _read_points(args.points)
+    compressors = _read_compressors(args.points)
+    settings = Settings(form=form, text_tokens=text_tokens, **({"threshold": args.threshold} if args.threshold else {}))
+    out = replay(n, v, e, compressors, settings=settings, max_trials=args.max_trials)
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    p_min = "n/a" if out["p_optimal_min"] is None else f"{out['p_optimal_min']:.2f}"
+    print(f"cells used: {out['cells_used']} of {out['cells_total']} ({out['fraction_used']:.1%}), training cost "
+          f"{out['cost_fraction']:.1%} of the full table's; stopped: {out['stopped']} (lowest p_optimal "
+          f"{p_min}, threshold {out['threshold']:g})")
+    print(f"same decision as the full table: {'yes' if out['same_decision'] else 'no'} "
+          f"({out['decisions_same']} of {out['decisions']} budgets x query lengths)")
+    for name in ("full", "adaptive"):
+        law = out[name]
+        print(f"{name:>9}: alpha={json.dumps(law['alpha'])} beta={json.dumps(law['beta'])} "
+              f"optimal_visual_tokens={json.dumps(law['optimal_visual_tokens'])}")
+    return 0
+
+
 # ---- serve -------------------------------------------------------------------------------
 
 
@@ -541,6 +593,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="YAML: {eval: [{name, task_family, path, image_folder, metric, prompt_suffix, ...}]}")
     p.add_argument("--store", help=store_help)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("replay", help="judge the adaptive grid on a complete table: the same decision from how few cells?")
+    p.add_argument("--points", required=True,
+                   help="CSV of the full table: llm_params,visual_tokens,error and optionally compressor")
+    p.add_argument("--form", help="the law's form, product (default) or sum")
+    p.add_argument("--text-tokens", type=float, nargs="+", metavar="Q",
+                   help="query lengths of the decisions, and of optimal_visual_tokens (default: 0 50 100)")
+    p.add_argument("--max-trials", type=int, help="stop after this many cells even if the decision is not settled")
+    p.add_argument("--threshold", type=float,
+                   help="the stopping rule: the top candidate's share of the bootstrap draws at every decision (default 0.95)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser("serve", help="the Ray Serve API over the store's laws")
     p.add_argument("--store", help=store_help)
