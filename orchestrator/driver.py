@@ -174,9 +174,12 @@ class GridSummary:
     results: str
     trial_metrics: list[dict] = field(default_factory=list)  # last metrics Tune saw per trial
     restored_from: str = ""  # `resume`: the Tune experiment it restored (empty: ran afresh)
+    adaptive: str = ""  # `resume` of an adaptive run: how its loop ended
 
     def line(self) -> str:
         restored = f"; restored Tune's experiment from {self.restored_from}" if self.restored_from else ""
+        if self.adaptive:
+            return self.adaptive + (f"; {self.errored} errored" if self.errored else "")
         return (
             f"grid {self.grid}: {self.finished + self.already_done}/{self.trials} trials done "
             f"({self.already_done} already in the store), {self.errored} errored, "
@@ -261,15 +264,21 @@ def _uses_worker_groups(grid: Grid, trials: list[TrialConfig]) -> bool:
     return any(grid.resources.for_llm(t.llm)["execution"] == "workers" for t in trials)
 
 
-def run_grid(grid: Grid, store: Store, verbose: int = 1, ray_storage_uri: str | None = None) -> GridSummary:
-    """Run every trial of `grid` whose result is not in `store` yet.
+def run_grid(
+    grid: Grid, store: Store, verbose: int = 1, ray_storage_uri: str | None = None, only: set[str] | None = None,
+) -> GridSummary:
+    """Run every trial of `grid` whose result is not in `store` yet (of those whose config
+    hash is in `only`, when given: an adaptive batch).
 
     Ray's own experiment state (Tune's, for resume, and Train's checkpoints) goes to
     `ray_storage_uri`, by default `<store>/<grid>`, i.e. beside the results."""
     started = time.perf_counter()
     ray_root = (ray_storage_uri or store.join(grid.name)).rstrip("/")
     trials = grid.trials()
-    pending = [t for t in trials if not store.has_result(t.grid, t.compressor, t.config_hash)]
+    pending = [
+        t for t in trials
+        if (only is None or t.config_hash in only) and not store.has_result(t.grid, t.compressor, t.config_hash)
+    ]
     summary = GridSummary(grid.name, len(trials), len(trials) - len(pending), 0, 0, 0.0, store.results_glob(grid.name))
     save_grid(grid, store)
     if pending:
@@ -323,6 +332,16 @@ def resume_grid(store: Store, name: str, verbose: int = 1, ray_storage_uri: str 
     the trials missing from the store."""
     started = time.perf_counter()
     grid = load_saved_grid(store, name)
+    from .adaptive import run_adaptive_grid, saved_adaptive
+
+    adaptive = saved_adaptive(store, grid.name)
+    if adaptive is not None:  # `run --adaptive`: the loop goes on from what the store holds
+        outcome = run_adaptive_grid(grid, store, max_trials=adaptive.get("max_trials"), verbose=verbose,
+                                    ray_storage_uri=ray_storage_uri)
+        trials = grid.trials()
+        done = sum(store.has_result(t.grid, t.compressor, t.config_hash) for t in trials)
+        return GridSummary(grid.name, len(trials), 0, done, outcome.errored, time.perf_counter() - started,
+                           store.results_glob(grid.name), adaptive=outcome.line())
     ray_root = (ray_storage_uri or store.join(grid.name)).rstrip("/")
     path, fs = ray_storage(f"{ray_root}/{TUNE_NAME}")
     if not tune.Tuner.can_restore(path, storage_filesystem=fs):

@@ -167,3 +167,22 @@ def test_demo_learning_check_names_the_benchmarks_no_trial_learned(tmp_path):
                           benchmark="digits", task_family="ocr", error=1 - 0.175, chance=0.1, n_examples=200)]
     store.write_results("g", "avgpool", "c-4", rows)
     assert learning_report(store, "g")[1] == []  # 35/200 reaches it
+
+
+def test_plan_adaptive_lists_the_first_batch(tmp_path, capsys):
+    import yaml
+    from conftest import tiny_grid
+
+    from tokenscale.cli import main
+    from tokenscale.config import parse_grid
+    from tokenscale.fitting.adaptive import initial_design
+    from tokenscale.orchestrator.adaptive import cells
+
+    raw = tiny_grid("planadapt", llms=3, visual_tokens=(1, 4, 16))
+    (tmp_path / "g.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["plan", str(tmp_path / "g.yaml"), "--adaptive", "--format", "json", "--store", str(tmp_path / "s")]) == 0
+    listed = {row["trial_id"] for row in json.loads(capsys.readouterr().out)}
+    table = cells(parse_grid(raw))
+    assert listed == {t.trial_id for c in initial_design(list(table)) for t in table[c]} and len(listed) == 5
+    assert main(["run", str(tmp_path / "g.yaml"), "--max-trials", "3", "--store", str(tmp_path / "s")]) == 2
+    assert "--max-trials caps an adaptive run: add --adaptive" in capsys.readouterr().err

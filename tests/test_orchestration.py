@@ -265,3 +265,33 @@ def test_a_grown_grid_runs_only_its_new_cells(tmp_path):
     assert len(after) == 4 and all(after[h] == t for h, t in before.items()), "a finished cell never runs again"
     _, rows = query(store, "select count(*), count(distinct config_hash) from results")
     assert rows == [(4 * 2, 4)]
+
+
+def test_adaptive_run_starts_space_filling_then_acquires_and_resume_continues_the_loop(tmp_path):
+    """`run --adaptive`: the initial design (corners + centre of the LLM x V grid) as one
+    batch, then cells chosen by the decision's uncertainty, ordinary trials in the store;
+    `--max-trials` caps it, and `resume` goes on with the loop (the store is its memory)."""
+    from tokenscale.fitting.adaptive import initial_design
+    from tokenscale.orchestrator.adaptive import cells, run_adaptive_grid
+    from tokenscale.orchestrator.driver import resume_grid
+
+    grid = parse_grid(tiny_grid("adapt", llms=3, visual_tokens=(1, 4, 16), max_concurrent_trials=2))
+    store = Store.open(str(tmp_path / "store"))
+    table = cells(grid)
+    assert len(table) == 9
+    start = {t.trial_id for c in initial_design(list(table)) for t in table[c]}
+    init_ray()
+    try:
+        first = run_adaptive_grid(grid, store, max_trials=5, verbose=0)
+        assert (first.stopped, first.cells_run, len(first.batches)) == ("max_trials", 5, 1), first
+        assert set(first.batches[0]) == start  # the corners and the centre
+        resumed = resume_grid(store, "adapt", verbose=0)  # the saved cap: nothing more to run
+        assert resumed.errored == 0 and "5/9 cells run" in resumed.line(), resumed.line()
+        more = run_adaptive_grid(grid, store, max_trials=7, verbose=0)
+    finally:
+        ray.shutdown()
+    assert (more.cells_run, len(more.batches), more.stopped) == (7, 1, "max_trials"), more
+    assert not set(more.batches[0]) & start, "acquired cells, not the start again"
+    assert set(more.p_optimal_min) == {"reasoning", "ocr"}
+    _, rows = query(store, "select count(distinct config_hash) from results")
+    assert rows == [(7,)]

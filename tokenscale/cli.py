@@ -106,7 +106,18 @@ def plan_rows(grid, store: Store | None) -> list[dict]:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     grid = _load_grid(args.grid)
-    rows = plan_rows(grid, _store(args))
+    store = _store(args)
+    rows = plan_rows(grid, store)
+    if args.adaptive:  # the cells the adaptive loop would start next, given what the store has
+        from tokenscale.fitting.adaptive import Settings
+        from tokenscale.orchestrator.adaptive import cells, next_cells
+
+        table = cells(grid)
+        batch, reason, _ = next_cells(grid, store, table, max(1, grid.max_concurrent_trials), Settings())
+        chosen = {t.trial_id for c in batch for t in table[c]}
+        rows = [r for r in rows if r["trial_id"] in chosen]
+        if args.format != "json":
+            print(f"first adaptive batch ({reason}): {len(batch)} of {len(table)} cells")
     if args.format == "json":
         print(json.dumps(rows))
         return 0
@@ -139,10 +150,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     from tokenscale.orchestrator.status import GRID_FILE
 
     grid = _load_grid(args.config)  # validated in full before anything starts
+    if args.max_trials is not None and not args.adaptive:
+        raise CLIError("--max-trials caps an adaptive run: add --adaptive")
+    if args.max_trials is not None and args.max_trials < 1:
+        raise CLIError(f"--max-trials {args.max_trials}: give at least 1 trial")
     store = _store(args)
     store.exists(store.join(grid.name, GRID_FILE))  # a store that cannot be read is told before Ray is imported
     from tokenscale.orchestrator.driver import run_grid
 
+    if args.adaptive:
+        from tokenscale.orchestrator.adaptive import run_adaptive_grid
+
+        outcome = run_adaptive_grid(grid, store, max_trials=args.max_trials, verbose=args.verbose)
+        print(outcome.line())
+        return 0 if outcome.errored == 0 else 1
     summary = run_grid(grid, store, verbose=args.verbose)
     print(summary.line())
     return 0 if summary.errored == 0 else 1
@@ -361,6 +382,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
     for q in text_tokens:
         _number("--text-tokens", q, low=0.0, low_inclusive=True)
     _number("--threshold", args.threshold, low=0.0, low_inclusive=False, high=1.0, what=" (a share of the draws)")
+    if args.max_trials is not None and not args.adaptive:
+        raise CLIError("--max-trials caps an adaptive run: add --adaptive")
     if args.max_trials is not None and args.max_trials < 1:
         raise CLIError(f"--max-trials {args.max_trials}: give at least 1 trial")
     n, v, e = _read_points(args.points)
@@ -541,12 +564,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", help=store_help)
     p.add_argument("--verbose", type=int, default=1, choices=[0, 1, 2], help="Tune progress output")
     p.add_argument("--address", **address)
+    p.add_argument("--adaptive", action="store_true",
+                   help="run the cells that settle which (LLM, V, compressor) is optimal first, and stop once it is settled")
+    p.add_argument("--max-trials", type=int, metavar="K", help="--adaptive: stop after K cells even if not settled")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("plan", help="validate a grid in full and list its trials, costs and what the store has (no Ray)")
     p.add_argument("grid", help="grid YAML, or a packaged grid name (demo, paper)")
     p.add_argument("--store", help=store_help)
     p.add_argument("--format", choices=["table", "json"], default="table")
+    p.add_argument("--adaptive", action="store_true", help="list only the first batch `run --adaptive` would start")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("schema", help="print the grid YAML's JSON Schema (for editors: see the README)")
