@@ -70,6 +70,11 @@ def test_grid_to_s3_to_duckdb_to_fit_to_serve(s3_endpoint, local_ray, tmp_path):
     assert answer.status_code == 200, answer.text
     body = answer.json()
     assert {"llm", "llm_params", "visual_tokens", "compressor", "predicted_error"} <= set(body)
+    # the decision's certainty over HTTP: the share of the stored draws choosing it, and the rival
+    assert 0.0 <= body["p_optimal"] <= 1.0 and body["p_optimal"] == body["optimal_share"]
+    assert body["runner_up"] is None or (
+        body["runner_up"]["visual_tokens"], body["runner_up"]["llm"]) != (body["visual_tokens"], body["llm"])
+    assert body["runner_up"] is None or 0.0 <= body["runner_up_p_optimal"] <= 1.0 - body["p_optimal"] + 1e-9
     assert body["compressor"] == "avgpool" and body["visual_tokens"] in (1, 16)
     bad = requests.get(f"{url}/optimal", params={"flops": 1, "task": "reasoning"}, timeout=30)
     assert bad.status_code == 400 and "cheapest candidate" in bad.json()["error"]
