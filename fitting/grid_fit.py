@@ -3,6 +3,7 @@ and store each law with its bootstrap draws."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import replace
 from datetime import datetime, timezone
 
@@ -62,6 +63,7 @@ def fit_grid(
     level: float = 0.90,
     seed: int = 0,
     n_column: str = N_COLUMN,
+    holdout_llms: Collection[str] = (),
 ) -> tuple[list[dict], list[str]]:
     """Fit and write the grid's laws, one per (task_family, compressor, form), each with
     percentile-bootstrap CIs (`resamples`, `level`, `seed`, refitted with `loss`) and the
@@ -69,14 +71,23 @@ def fit_grid(
     (`llm_params`, the paper's N, or `llm_params_non_embedding`). Writes the laws'
     bootstrap draws to `Store.draws_key(grid)` first, then the laws to
     `Store.laws_key(grid)` (the object the Serve app watches), each in one write, both
-    stamped with the same `fitted_at`. Returns (law rows, messages about laws not fitted)."""
+    stamped with the same `fitted_at`. Returns (law rows, messages about laws not fitted).
+
+    `holdout_llms` (the grid's `llms[].holdout`) are left out of every fit; each law's
+    prediction for their points, with its bootstrap interval, is written beside the laws
+    against what they scored (`Store.heldout_key`, the `heldout` SQL view)."""
     if loss not in LOSSES:
         raise FitError(f"loss {loss!r}: choose one of {', '.join(LOSSES)}")
     results = store.read_results(grid)
     if results.num_rows == 0:
         raise FitError(f"grid {grid!r} has no results in {store.uri}: run it first")
     check_n_column(results, n_column)
-    rows, draws, skipped = [], [], []
+    held = pc.is_in(results["llm"], value_set=pa.array(sorted(holdout_llms), pa.string()))
+    heldout_points = heldout_table(results.filter(held), n_column)
+    results = results.filter(pc.invert(held))
+    if results.num_rows == 0:
+        raise FitError(f"every LLM with results in grid {grid!r} is held out ({', '.join(sorted(holdout_llms))}): none left to fit")
+    rows, draws, skipped, heldout = [], [], [], []
     now = datetime.now(timezone.utc)
     for (family, compressor), (n, v, e) in sorted(law_points(results, n_column).items()):
         for form in FORMS:
@@ -89,10 +100,36 @@ def fit_grid(
             holdout = holdout_error(n, v, e, form, loss=loss)
             rows.append(law_row(grid, family, compressor, law, n, v, now, ci=ci, holdout=holdout))
             draws.extend(draw_rows(grid, family, compressor, ci, now))
+            for llm, n_held, v_held, observed in heldout_points.get((family, compressor), []):
+                low, high = ci.error_interval(np.array([n_held]), np.array([v_held]))
+                heldout.append({
+                    "grid": grid, "task_family": family, "compressor": compressor, "form": form, "llm": llm,
+                    "llm_params": int(n_held), "visual_tokens": int(v_held), "observed_error": observed,
+                    "predicted_error": float(law.predict(np.array([n_held]), np.array([v_held]))[0]),
+                    "predicted_lo": float(low[0]), "predicted_hi": float(high[0]), "fitted_at": now,
+                })
     if rows:
         store.write_draws(grid, draws)
+        if heldout or store.exists(store.heldout_key(grid)):  # a refit without holdouts clears the old ones
+            store.write_heldout(grid, heldout)
         store.write_laws(grid, rows)
     return rows, skipped
+
+
+def heldout_table(results: pa.Table, n_column: str = N_COLUMN) -> dict[tuple[str, str], list[tuple[str, float, float, float]]]:
+    """(task_family, compressor) -> [(llm, N, V, mean error)] of held-out LLMs' results,
+    averaged as `law_points` averages (over a family's benchmarks and the seeds)."""
+    out: dict[tuple[str, str], list[tuple[str, float, float, float]]] = {}
+    if results.num_rows == 0:
+        return out
+    grouped = results.group_by(["task_family", "compressor", "llm", n_column, "visual_tokens"], use_threads=False).aggregate(
+        [("error", "mean")]
+    ).sort_by([("task_family", "ascending"), ("compressor", "ascending"), (n_column, "ascending"), ("visual_tokens", "ascending")])
+    for row in grouped.to_pylist():
+        out.setdefault((row["task_family"], row["compressor"]), []).append(
+            (row["llm"], float(row[n_column]), float(row["visual_tokens"]), float(row["error_mean"]))
+        )
+    return out
 
 
 def draw_rows(grid: str, family: str, compressor: str, ci: LawCI, fitted_at: datetime) -> list[dict]:

@@ -615,3 +615,33 @@ def test_cli_fit_grid_with_loss_and_n_column(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit:
         main(["fit", "g", "--store", store.uri, "--n-column", "params"])
     assert exit.value.code == 2 and "llm_params_non_embedding" in capsys.readouterr().err
+
+
+def test_held_out_llm_is_left_out_of_the_fit_and_checked_against_it(tmp_path):
+    """llms[].holdout: the LLM's points are not fitted; the law predicts them (with the
+    bootstrap interval), written beside the laws and readable as the `heldout` view."""
+    from tokenscale.cli import heldout_lines
+
+    store = Store.open(str(tmp_path / "store"))
+    synthetic_grid(store)
+    rows, _ = fit_grid(store, "g", resamples=100, holdout_llms=["xl"])
+    assert all(r["n_points"] == 3 * 5 and r["max_llm_params"] == 4e9 for r in rows), "xl (7e9) is not fitted"
+    held = store.read_heldout("g").to_pylist()
+    assert len(held) == 2 * 2 * 2 * 5  # family x compressor x form x V
+    assert {r["llm"] for r in held} == {"xl"} and {r["llm_params"] for r in held} == {7_000_000_000}
+    truth = Law("product", A=30, alpha=0.2, beta=0.04, D=0.1)  # reasoning, avgpool (result_rows' law)
+    for r in held:
+        assert r["predicted_lo"] <= r["predicted_error"] <= r["predicted_hi"]
+        if (r["task_family"], r["compressor"], r["form"]) == ("reasoning", "avgpool", "product"):
+            expected = float(truth.predict(7e9, r["visual_tokens"]))
+            assert r["observed_error"] == pytest.approx(expected, abs=0.01)  # noise 0.003 x 2 benchmarks
+            assert r["predicted_error"] == pytest.approx(r["observed_error"], rel=0.05)  # the law extrapolates
+    _, count = query(store, "select count(*), count(distinct llm) from heldout where form = 'product'")
+    assert count == [(20, 1)]
+    lines = heldout_lines(store, "g")
+    assert len(lines) == 20 and lines[0].startswith("held out xl (N=7e+09) ocr/avgpool V=1: observed ")
+    # a refit without holdouts fits all four LLMs and leaves no stale comparison behind
+    rows, _ = fit_grid(store, "g", resamples=20)
+    assert all(r["n_points"] == 4 * 5 for r in rows) and store.read_heldout("g").num_rows == 0
+    with pytest.raises(FitError, match="every LLM with results in grid 'g' is held out"):
+        fit_grid(store, "g", holdout_llms=["s", "m", "l", "xl"])

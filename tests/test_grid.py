@@ -257,3 +257,14 @@ def test_shipped_schema_file_is_what_tokenscale_schema_prints():
     assert shipped == grid_json_schema(), "regenerate: tokenscale schema > configs/grid.schema.json"
     for file in (REPO / "configs").glob("*.yaml"):
         assert file.read_text().splitlines()[0] == "# yaml-language-server: $schema=./grid.schema.json", file
+
+
+def test_holdout_llms_are_validated_and_do_not_move_the_hash():
+    raw = tiny_grid("held", llms=3)
+    plain = parse_grid(raw).trials()
+    raw["llms"][2]["holdout"] = True
+    held = parse_grid(raw).trials()
+    assert [t.config_hash for t in held] == [t.config_hash for t in plain], "holdout changes how results are used only"
+    raw["llms"][1]["holdout"] = True
+    with pytest.raises(GridError, match=r"^llms: holdout leaves 1 LLM\(s\) to fit the law on \(xs\)"):
+        parse_grid(raw)

@@ -329,12 +329,14 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from tokenscale.fitting.grid_fit import fit_grid
 
     store = _store(args)
-    rows, skipped = fit_grid(store, args.grid, loss=loss, n_column=args.n_column)
+    rows, skipped = fit_grid(store, args.grid, loss=loss, n_column=args.n_column, holdout_llms=_holdout_llms(store, args.grid))
     for line in skipped:
         print(f"not fitted: {line}")
     if args.json:
         print(json.dumps(rows, default=str))
     else:
+        for line in heldout_lines(store, args.grid):
+            print(line)
         for r in rows:
             print(
                 f"{r['task_family']:>10} {r['compressor']:>16} {r['form']:>8}: alpha={r['alpha']:.3f} "
@@ -350,6 +352,32 @@ def cmd_fit(args: argparse.Namespace) -> int:
             if not args.json:
                 print(f"plot written to {key}")
     return 0
+
+
+def _holdout_llms(store: Store, grid: str) -> list[str]:
+    """The LLMs the grid as run marks `holdout: true` (none for a grid run before the field
+    existed, or one the store has no saved YAML of)."""
+    from tokenscale.orchestrator.status import GRID_FILE, load_saved_grid
+
+    if not store.exists(store.join(grid, GRID_FILE)):
+        return []
+    return [llm.name for llm in load_saved_grid(store, grid).llms if llm.holdout]
+
+
+def heldout_lines(store: Store, grid: str) -> list[str]:
+    """Each held-out LLM's observed error against the product law's prediction and its
+    bootstrap interval, one line per (family, compressor, LLM, V)."""
+    rows = [r for r in store.read_heldout(grid).to_pylist() if r["form"] == "product"]
+    lines = []
+    for r in rows:
+        inside = "inside" if r["predicted_lo"] <= r["observed_error"] <= r["predicted_hi"] else "OUTSIDE"
+        miss = (r["predicted_error"] - r["observed_error"]) / r["observed_error"] if r["observed_error"] else float("nan")
+        lines.append(
+            f"held out {r['llm']} (N={r['llm_params']:.3g}) {r['task_family']}/{r['compressor']} V={r['visual_tokens']}: "
+            f"observed {r['observed_error']:.4f}, predicted {r['predicted_error']:.4f} "
+            f"[{r['predicted_lo']:.4f}, {r['predicted_hi']:.4f}] ({miss:+.1%}, {inside} the interval)"
+        )
+    return lines
 
 
 # ---- replay ------------------------------------------------------------------------------
@@ -493,7 +521,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise RunFailed(f"no trial answered {', '.join(unlearned)} above chance: nothing was learned to fit a law to")
 
     print("[2/4] fitting scaling laws", flush=True)
-    rows, skipped = fit_grid(store, grid.name)
+    rows, skipped = fit_grid(store, grid.name, holdout_llms=[llm.name for llm in grid.llms if llm.holdout])
     for r in rows:
         print(
             f"  {r['task_family']:>10} {r['compressor']:>16} {r['form']:>8}: alpha={r['alpha']:.3f} "
@@ -511,6 +539,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             print(f"  {'':>10} {'':>16} {'':>8}  -> {verdict}")
     for line in skipped:
         print(f"  not fitted: {line}")
+    for line in heldout_lines(store, grid.name):
+        print(f"  {line}")
     if rows:
         print(f"  laws: {store.laws_key(grid.name)} (N = {rows[0]['llm_params_column']}, {rows[0]['loss']} loss); "
               f"bootstrap draws: {store.draws_key(grid.name)}")

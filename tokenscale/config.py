@@ -88,6 +88,11 @@ class LLMSpec(Model):
         description="N as the model is named (e.g. 0.5e9 for Qwen-1.5-0.5B), the N the paper's "
         "law is fitted on; default: the counted total",
     )
+    holdout: StrictBool = Field(
+        False,
+        description="train and evaluate this LLM but leave it out of the fit: `fit` reports its observed error "
+        "against the law's prediction (the paper checked its law on Qwen-1.5-14B so)",
+    )
 
     @model_validator(mode="after")
     def _shape(self) -> LLMSpec:
@@ -377,6 +382,7 @@ class TrialConfig(Model):
             raw["data"]["llava"].pop("loader_workers", None)  # how the data is read, not what
         if raw["llm"]["params"] is None:
             del raw["llm"]["params"]
+        raw["llm"].pop("holdout", None)  # how the result is used, not what it is
         # how a trial is run, not what it computes
         for key in ("checkpoint_every", "gradient_checkpointing", "zero_stage", "global_batch", "keep_final"):
             raw["train"].pop(key, None)
@@ -512,6 +518,10 @@ class Grid(Model):
         for i, llm in enumerate(self.llms):
             if llm.path:
                 _check_local(f"llms[{i}].path", llm.path, folder=True, fix="give a HF from_pretrained folder (local or s3://)")
+        fitted = [llm.name for llm in self.llms if not llm.holdout]
+        if len(fitted) < 2 and any(llm.holdout for llm in self.llms):
+            raise _at("llms", f"holdout leaves {len(fitted)} LLM(s) to fit the law on ({', '.join(fitted) or 'none'}); "
+                      "a law in N needs at least two: hold out fewer")
         if self.vision.path:
             _check_local("vision.path", self.vision.path, folder=True, fix="give a HF from_pretrained folder (local or s3://)")
             _check_vision_checkpoint(self.vision)

@@ -1,4 +1,4 @@
-"""DuckDB over the store: views `results`, `laws` and `draws`, local or s3:// (httpfs, offline)."""
+"""DuckDB over the store: views `results`, `laws`, `draws` and `heldout`, local or s3:// (httpfs, offline)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,15 @@ from urllib.parse import urlparse
 
 import duckdb
 
-from .store import DRAW_COLUMNS, LAW_COLUMNS, RESULT_COLUMNS, Store, StoreError, s3_endpoint
+from .store import (
+    DRAW_COLUMNS,
+    HELDOUT_COLUMNS,
+    LAW_COLUMNS,
+    RESULT_COLUMNS,
+    Store,
+    StoreError,
+    s3_endpoint,
+)
 
 _DUCK_TYPES = {
     "string": "VARCHAR",
@@ -103,6 +111,7 @@ def _views(con: duckdb.DuckDBPyConnection, store: Store) -> None:
         ("results", store.results_glob(), RESULT_COLUMNS, lambda key: "/results/" in key),
         ("laws", store.laws_glob(), LAW_COLUMNS, lambda key: key.endswith("/laws/laws.parquet")),
         ("draws", store.draws_glob(), DRAW_COLUMNS, lambda key: key.endswith("/laws/draws.parquet")),
+        ("heldout", store.heldout_glob(), HELDOUT_COLUMNS, lambda key: key.endswith("/laws/heldout.parquet")),
     ):
         if any(present(key) for key in keys):
             # Columns live in the files; hive_partitioning off so the path's grid= and

@@ -11,6 +11,7 @@ the column set are defined once:
     <store>/features/<key>/shard-<k>.npy       a frozen tower's LLaVA features (workers/llava_data.py)
     <store>/<grid>/laws/laws.parquet                                            one per fit
     <store>/<grid>/laws/draws.parquet                                           its laws' bootstrap draws
+    <store>/<grid>/laws/heldout.parquet                                         held-out LLMs vs the laws
     <store>/<grid>/plots/*.png
 
 Every object is written whole with one PUT (S3) or one atomic rename (local), and a
@@ -179,11 +180,30 @@ DRAW_COLUMNS: tuple[tuple[str, str], ...] = (
     ("fitted_at", "timestamp[us, tz=UTC]"),
 )
 
+# One row per (grid, task_family, compressor, form, held-out LLM, V): an LLM the grid marks
+# `holdout: true` is trained and evaluated but left out of the fit; its observed error
+# against the law's prediction and the bootstrap interval of it (the paper's 14B check).
+HELDOUT_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("grid", "string"),
+    ("task_family", "string"),
+    ("compressor", "string"),
+    ("form", "string"),
+    ("llm", "string"),
+    ("llm_params", "int64"),
+    ("visual_tokens", "int64"),
+    ("observed_error", "double"),
+    ("predicted_error", "double"),
+    ("predicted_lo", "double"),
+    ("predicted_hi", "double"),
+    ("fitted_at", "timestamp[us, tz=UTC]"),
+)
+
 # Each record kind's columns as (name, Arrow type) above, its pyarrow schema
 # (`RESULT_SCHEMA`, `LAW_SCHEMA`, `DRAW_SCHEMA`) built on first use: pyarrow (and
 # numpy under it, ~0.1 s) is imported only where a table is built or read, so the CLI's
 # light commands (`sql`, `status`, `plan`) start without it.
-_COLUMNS = {"RESULT_SCHEMA": RESULT_COLUMNS, "LAW_SCHEMA": LAW_COLUMNS, "DRAW_SCHEMA": DRAW_COLUMNS}
+_COLUMNS = {"RESULT_SCHEMA": RESULT_COLUMNS, "LAW_SCHEMA": LAW_COLUMNS, "DRAW_SCHEMA": DRAW_COLUMNS,
+            "HELDOUT_SCHEMA": HELDOUT_COLUMNS}
 
 
 @functools.cache
@@ -326,6 +346,12 @@ class Store:
 
     def draws_glob(self, grid: str | None = None) -> str:
         return self.join(grid or "*", "laws", "draws.parquet")
+
+    def heldout_key(self, grid: str) -> str:
+        return self.join(grid, "laws", "heldout.parquet")
+
+    def heldout_glob(self, grid: str | None = None) -> str:
+        return self.join(grid or "*", "laws", "heldout.parquet")
 
     def plots_dir(self, grid: str) -> str:
         return self.join(grid, "plots")
@@ -503,6 +529,17 @@ class Store:
         key = self.draws_key(grid)
         self.write_table(key, rows, arrow_schema("DRAW_SCHEMA"))
         return key
+
+    def write_heldout(self, grid: str, rows: list[dict]) -> str:
+        """The held-out LLMs' observed vs predicted errors of one fit (before its laws)."""
+        key = self.heldout_key(grid)
+        self.write_table(key, rows, arrow_schema("HELDOUT_SCHEMA"))
+        return key
+
+    def read_heldout(self, grid: str) -> pa.Table:
+        key = self.heldout_key(grid)
+        schema = arrow_schema("HELDOUT_SCHEMA")
+        return conform(self.read_table(key), schema) if self.exists(key) else schema.empty_table()
 
     def read_draws(self, grid: str) -> pa.Table:
         """The grid's draws (DRAW_SCHEMA); empty when it has none (not fitted, or fitted
