@@ -410,8 +410,6 @@ def cmd_replay(args: argparse.Namespace) -> int:
     for q in text_tokens:
         _number("--text-tokens", q, low=0.0, low_inclusive=True)
     _number("--threshold", args.threshold, low=0.0, low_inclusive=False, high=1.0, what=" (a share of the draws)")
-    if args.max_trials is not None and not args.adaptive:
-        raise CLIError("--max-trials caps an adaptive run: add --adaptive")
     if args.max_trials is not None and args.max_trials < 1:
         raise CLIError(f"--max-trials {args.max_trials}: give at least 1 trial")
     n, v, e = _read_points(args.points)
