@@ -15,7 +15,7 @@ from tokenscale.costs import FORMS
 from tokenscale.store import LAW_N_COLUMNS, Store
 
 from .law import LOSSES, N_COLUMN, FitError, Law
-from .solve import fit_law
+from .solve import EXPONENT_MAX, fit_law
 from .uncertainty import LawCI, bootstrap_law, holdout_error
 
 
@@ -98,7 +98,7 @@ def fit_grid(
                 continue
             ci = bootstrap_law(n, v, e, form, law=law, resamples=resamples, level=level, seed=seed, loss=loss)
             holdout = holdout_error(n, v, e, form, loss=loss)
-            rows.append(law_row(grid, family, compressor, law, n, v, now, ci=ci, holdout=holdout))
+            rows.append(law_row(grid, family, compressor, law, n, v, now, ci=ci, holdout=holdout, e=e))
             draws.extend(draw_rows(grid, family, compressor, ci, now))
             for llm, n_held, v_held, observed in heldout_points.get((family, compressor), []):
                 low, high = ci.error_interval(np.array([n_held]), np.array([v_held]))
@@ -108,12 +108,51 @@ def fit_grid(
                     "predicted_error": float(law.predict(np.array([n_held]), np.array([v_held]))[0]),
                     "predicted_lo": float(low[0]), "predicted_hi": float(high[0]), "fitted_at": now,
                 })
+    mark_preferred(rows)
     if rows:
         store.write_draws(grid, draws)
         if heldout or store.exists(store.heldout_key(grid)):  # a refit without holdouts clears the old ones
             store.write_heldout(grid, heldout)
         store.write_laws(grid, rows)
     return rows, skipped
+
+
+def mark_preferred(rows: list[dict]) -> None:
+    """Per (task_family, compressor), `preferred` on the form that fits better: the lower
+    leave-largest-LLM-out holdout error (a law that extrapolates in N is the point), then
+    the higher r2."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["task_family"], row["compressor"]), []).append(row)
+    for group in groups.values():
+        def rank(row: dict) -> tuple[float, float]:
+            holdout = row["holdout_error"]
+            return (holdout if np.isfinite(holdout) else np.inf, -row["r2"])
+
+        best = min(group, key=rank)
+        for row in group:
+            row["preferred"] = row is best
+
+
+def identification(law: Law, ci: LawCI | None, e: np.ndarray) -> str:
+    """Why the law's parameters are not identified by the data ("" when they are): an
+    exponent or D at a bound of the fit (0 or EXPONENT_MAX; D at 0 or at the smallest
+    error), an exponent whose bootstrap CI spans nearly the whole [0, EXPONENT_MAX] box."""
+    notes = []
+    for name, value in (("alpha", law.alpha), ("beta", law.beta)):
+        if value <= 1e-6:
+            notes.append(f"{name} at its bound 0")
+        elif value >= EXPONENT_MAX - 1e-6:
+            notes.append(f"{name} at its bound {EXPONENT_MAX:g}")
+    if law.D <= 1e-9:
+        notes.append("D at its bound 0")
+    elif law.D >= float(np.min(e)) * (1 - 1e-6):
+        notes.append("D at its bound (the smallest error)")
+    if ci is not None:
+        for name, (low, high) in (("alpha", ci.alpha), ("beta", ci.beta)):
+            if high - low >= 0.9 * EXPONENT_MAX:
+                notes.append(f"{name}'s CI [{low:.2g}, {high:.2g}] spans the whole box")
+    return "; ".join(notes)
 
 
 def heldout_table(results: pa.Table, n_column: str = N_COLUMN) -> dict[tuple[str, str], list[tuple[str, float, float, float]]]:
@@ -156,6 +195,7 @@ def law_row(
     *,
     ci: LawCI | None = None,
     holdout: float = float("nan"),
+    e: np.ndarray | None = None,
 ) -> dict:
     """One laws-parquet row (LAW_SCHEMA)."""
     nan = float("nan")
@@ -195,4 +235,6 @@ def law_row(
         "ci_seed": intervals["ci_seed"],
         "loss": law.loss,
         "llm_params_column": law.llm_params_column,
+        "identification": identification(law, ci, e) if e is not None else "",
+        "preferred": False,  # set over the group by mark_preferred
     }

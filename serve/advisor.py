@@ -121,6 +121,15 @@ class Snapshot:
     trials: dict[str, list[dict]] = field(default_factory=dict)  # task -> best first
     fingerprint: tuple = ()
 
+    def preferred_form(self, task: str) -> str:
+        """The form the fit marks better (`preferred`) for most of the task's compressors
+        (ties and laws fitted before the mark: the first of FORMS)."""
+        votes = {form: 0 for form in FORMS}
+        for (family, _, form), (row, _) in self.laws.items():
+            if family == task and row.get("preferred"):
+                votes[form] += 1
+        return max(FORMS, key=lambda form: (votes[form], -FORMS.index(form)))
+
 
 def laws_fingerprint(store: Store, grid: str | None = None) -> tuple:
     """A cheap identity of the laws object(s) a snapshot is built from, (grid, version...)
@@ -397,7 +406,7 @@ class Advisor:
         text_tokens: float = 0.0,
         task: str = "reasoning",
         compressor: str | None = None,
-        form: str = "product",
+        form: str | None = None,
         generated_tokens: float = 0.0,
     ) -> dict:
         """The candidate with the lowest predicted error among those costing at most `flops`
@@ -409,6 +418,7 @@ class Advisor:
         flops = check_number("flops", flops, low=0.0, high=MAX_FLOPS, low_inclusive=False,
                              example="the inference budget per query in FLOPs, e.g. 2e12")
         text_tokens, generated_tokens = _check_token_counts(text_tokens, generated_tokens)
+        form = form or self.snapshot.preferred_form(task)  # no form asked: the better-fitting one
         opts = self._options_for(task, compressor, form)
         try:
             choice = choose(opts.laws, opts.menu, flops, text_tokens, generated_tokens)
@@ -434,13 +444,14 @@ class Advisor:
         task: str = "reasoning",
         text_tokens: float = 0.0,
         compressor: str | None = None,
-        form: str = "product",
+        form: str | None = None,
         generated_tokens: float = 0.0,
     ) -> dict:
         """The Pareto frontier of the candidates (`fitting.frontier.frontier`), cheapest
         first, each point with its prediction CI, the share of draws in which it is the
         choice at its own cost, and the continuous optimum at its cost."""
         text_tokens, generated_tokens = _check_token_counts(text_tokens, generated_tokens)
+        form = form or self.snapshot.preferred_form(task)
         opts = self._options_for(task, compressor, form)
         costs = opts.menu.costs(text_tokens, generated_tokens)
         points = [

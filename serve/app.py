@@ -72,7 +72,7 @@ ACCEPTED = {
     "generated_tokens": f"tokens generated per answer G: a finite number in [0, {MAX_TOKENS:g}]",
     "task": "a task family that has fitted laws, e.g. reasoning or ocr (GET /laws lists them)",
     "compressor": "a compressor that has a fitted law for the task (GET /laws lists them); omit for all",
-    "form": f"{' or '.join(FORMS)} (the scaling law's form)",
+    "form": f"{' or '.join(FORMS)} (the scaling law's form; default: the one the fit marks better for the task)",
     "top": f"an integer from 1 to {MAX_TOP}",
 }
 
@@ -406,7 +406,7 @@ def build_api(replica: Replica) -> FastAPI:
         text_tokens: float = Query(0.0, ge=0, le=MAX_TOKENS, allow_inf_nan=False, description=ACCEPTED["text_tokens"]),
         task: str = Query("reasoning", max_length=100, description=ACCEPTED["task"]),
         compressor: str | None = Query(None, max_length=100, description=ACCEPTED["compressor"]),
-        form: str = Query(FORMS[0], pattern=FORM_PATTERN, description=ACCEPTED["form"]),
+        form: str | None = Query(None, pattern=FORM_PATTERN, description=ACCEPTED["form"]),
         generated_tokens: float = Query(0.0, ge=0, le=MAX_TOKENS, allow_inf_nan=False, description=ACCEPTED["generated_tokens"]),
     ) -> JSONResponse:
         return replica.answer(lambda a: a.optimal(flops, text_tokens, task, compressor, form, generated_tokens))
@@ -416,7 +416,7 @@ def build_api(replica: Replica) -> FastAPI:
         task: str = Query("reasoning", max_length=100, description=ACCEPTED["task"]),
         text_tokens: float = Query(0.0, ge=0, le=MAX_TOKENS, allow_inf_nan=False, description=ACCEPTED["text_tokens"]),
         compressor: str | None = Query(None, max_length=100, description=ACCEPTED["compressor"]),
-        form: str = Query(FORMS[0], pattern=FORM_PATTERN, description=ACCEPTED["form"]),
+        form: str | None = Query(None, pattern=FORM_PATTERN, description=ACCEPTED["form"]),
         generated_tokens: float = Query(0.0, ge=0, le=MAX_TOKENS, allow_inf_nan=False, description=ACCEPTED["generated_tokens"]),
     ) -> JSONResponse:
         return replica.answer(lambda a: a.frontier(task, text_tokens, compressor, form, generated_tokens))

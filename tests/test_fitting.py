@@ -645,3 +645,31 @@ def test_held_out_llm_is_left_out_of_the_fit_and_checked_against_it(tmp_path):
     assert all(r["n_points"] == 4 * 5 for r in rows) and store.read_heldout("g").num_rows == 0
     with pytest.raises(FitError, match="every LLM with results in grid 'g' is held out"):
         fit_grid(store, "g", holdout_llms=["s", "m", "l", "xl"])
+
+
+def test_laws_say_when_they_are_not_identified_and_which_form_fits_better(tmp_path):
+    from tokenscale.fitting.grid_fit import identification
+    from tokenscale.fitting.uncertainty import LawCI
+
+    store = Store.open(str(tmp_path / "store"))
+    synthetic_grid(store)
+    rows, _ = fit_grid(store, "g", resamples=50)
+    for family, compressor in {(r["task_family"], r["compressor"]) for r in rows}:
+        group = [r for r in rows if (r["task_family"], r["compressor"]) == (family, compressor)]
+        assert sum(r["preferred"] for r in group) == 1
+        best = min(group, key=lambda r: r["holdout_error"])
+        assert best["preferred"], "the lower holdout error is preferred"
+    product = {(r["task_family"], r["compressor"]): r for r in rows if r["form"] == "product"}
+    assert product[("reasoning", "avgpool")]["identification"] == ""  # 40 clean points of a known law
+    _, stored = query(store, "select count(*) from laws where preferred")
+    assert stored == [(4,)]
+
+    law = Law("product", A=1.0, alpha=0.0, beta=EXPONENT_MAX, D=0.0)
+    e = np.array([0.2, 0.3])
+    assert identification(law, None, e) == "alpha at its bound 0; beta at its bound 3; D at its bound 0"
+    ci = dataclasses.replace(bootstrap_law(*points("product", noise=0.003, seed=1), "product", resamples=20, seed=0),
+                             alpha=(0.0, 2.9))
+    assert isinstance(ci, LawCI)
+    fine = Law("product", A=1.0, alpha=0.2, beta=0.1, D=0.05)
+    assert identification(fine, ci, e) == "alpha's CI [0, 2.9] spans the whole box"
+    assert identification(Law("product", A=1.0, alpha=0.2, beta=0.1, D=0.2), None, e) == "D at its bound (the smallest error)"

@@ -729,3 +729,21 @@ def test_unreadable_laws_object_keeps_the_last_good_laws(tmp_path, serve_log):
     store.write_laws(GRID, law_rows(GRID, 0.3, datetime(2026, 1, 3, tzinfo=timezone.utc)))
     assert replica.reload() is True and asgi_get(api, "/healthz")[1]["last_reload_error"] is None
     assert {law["alpha"] for law in asgi_get(api, "/laws")[1]["laws"]} == {0.3}
+
+
+def test_no_form_asked_answers_with_the_form_the_fit_prefers(advisor, store):
+    """/optimal and /frontier without `form`: the form the fit marks better (lower holdout
+    error) for most of the task's compressors; asking for a form still gets that form."""
+    laws = store.read_laws(GRID).to_pylist()
+    for task in ("reasoning", "ocr"):
+        votes = {}
+        for row in laws:
+            if row["task_family"] == task and row["preferred"]:
+                votes[row["form"]] = votes.get(row["form"], 0) + 1
+        preferred = max(("product", "sum"), key=lambda form: (votes.get(form, 0), form == "product"))
+        assert advisor.snapshot.preferred_form(task) == preferred
+        flops = 1e15
+        assert advisor.optimal(flops, 0.0, task)["form"] == preferred
+        assert advisor.frontier(task)["form"] == preferred
+        for form in ("product", "sum"):
+            assert advisor.optimal(flops, 0.0, task, form=form)["form"] == form

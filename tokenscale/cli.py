@@ -341,7 +341,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
             print(
                 f"{r['task_family']:>10} {r['compressor']:>16} {r['form']:>8}: alpha={r['alpha']:.3f} "
                 f"beta={r['beta']:.3f} D={r['D']:.3f} r2={r['r2']:.3f} (n={r['n_points']}, N={r['llm_params_column']}, "
-                f"{r['loss']} loss, {r['ci_resamples']} draws)"
+                f"{r['loss']} loss, {r['ci_resamples']} draws)" + (" [preferred form]" if r["preferred"] else "")
+                + (f"; not identified: {r['identification']}" if r["identification"] else "")
             )
         if rows:
             print(f"laws written to {store.laws_key(args.grid)}, their bootstrap draws to {store.draws_key(args.grid)}")
@@ -524,10 +525,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(
             f"  {r['task_family']:>10} {r['compressor']:>16} {r['form']:>8}: alpha={r['alpha']:.3f} "
             f"[{r['alpha_lo']:.3f}, {r['alpha_hi']:.3f}] beta={r['beta']:.3f} [{r['beta_lo']:.3f}, {r['beta_hi']:.3f}] "
-            f"D={r['D']:.3f} r2={r['r2']:.3f} holdout={r['holdout_error']:.3f}"
+            f"D={r['D']:.3f} r2={r['r2']:.3f} holdout={r['holdout_error']:.3f}" + (" [preferred form]" if r["preferred"] else "")
         )
+        if r["identification"]:
+            print(f"  {'':>10} {'':>16} {'':>8}  -> not identified ({r['identification']})")
         if r["form"] == "product":
-            if max(r["alpha"], r["beta"]) < 1e-3:
+            if any(name in r["identification"] for name in ("alpha", "beta")):
+                verdict = "no finding: an exponent is not identified by these points"
+            elif max(r["alpha"], r["beta"]) < 1e-3:
                 verdict = "no measurable trend in N or V (flat errors: the law says nothing here)"
             elif r["alpha"] > r["beta"]:
                 ratio = f"alpha/beta = {r['alpha'] / r['beta']:.1f}" if r["beta"] > 1e-3 else "beta ~ 0"

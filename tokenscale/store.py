@@ -158,6 +158,12 @@ LAW_COLUMNS: tuple[tuple[str, str], ...] = (
     ("min_visual_tokens", "int64"),
     ("max_visual_tokens", "int64"),
     ("fitted_at", "timestamp[us, tz=UTC]"),
+    # "" when every parameter is identified, else why not (a parameter at its bound, an
+    # exponent's CI spanning the whole box): such a law is not a finding
+    ("identification", "string"),
+    # the form that fits this (task_family, compressor) better: the lower holdout error
+    # (then the higher r2); what the demo reads and what /optimal uses when no form is asked
+    ("preferred", "bool"),
 )
 
 # The result columns a law's N can come from (LAW_SCHEMA's llm_params_column).
@@ -212,7 +218,7 @@ def arrow_schema(name: str) -> pa.Schema:
     import pyarrow as pa
 
     types = {"string": pa.string(), "int64": pa.int64(), "double": pa.float64(),
-             "timestamp[us, tz=UTC]": pa.timestamp("us", tz="UTC")}
+             "timestamp[us, tz=UTC]": pa.timestamp("us", tz="UTC"), "bool": pa.bool_()}
     return pa.schema([(column, types[kind]) for column, kind in _COLUMNS[name]])
 
 
