@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tokenscale.workers.benchmarks import BENCHMARKS, EOS, VOCAB, generate
+from tokenscale.workers.benchmarks import BENCHMARKS, EOS, INK, VOCAB, generate
 
 
 @pytest.mark.parametrize("name", sorted(BENCHMARKS))
@@ -27,3 +27,59 @@ def test_answers_vary():
     for name in BENCHMARKS:
         split = generate(name, "train", 200, seed=1, image_size=32)
         assert len(np.unique(split.answers[:, 0])) > 1, name
+
+
+def _answer(question: str, objects: list[tuple[str, str]]) -> str:
+    """An independent reading of clevr's eight templates: the answer from the scene."""
+    import re
+
+    from tokenscale.workers.benchmarks import CLEVR_COUNTS
+
+    colors, shapes = [c for c, _ in objects], [s for _, s in objects]
+    plural = {"squares": "square", "crosses": "cross"}
+    if m := re.fullmatch(r"what color is the (\w+) \?", question):
+        (color,) = [c for c, s in objects if s == m[1]]
+        return color
+    if m := re.fullmatch(r"what shape is the (\w+) thing \?", question):
+        (shape,) = [s for c, s in objects if c == m[1]]
+        return shape
+    if m := re.fullmatch(r"how many (\w+) things are there \?", question):
+        return CLEVR_COUNTS[colors.count(m[1])]
+    if m := re.fullmatch(r"how many (squares|crosses) are there \?", question):
+        return CLEVR_COUNTS[shapes.count(plural[m[1]])]
+    if m := re.fullmatch(r"are there more (\w+) things than (\w+) things \?", question):
+        return "yes" if colors.count(m[1]) > colors.count(m[2]) else "no"
+    if m := re.fullmatch(r"is there a (\w+) (square|cross) \?", question):
+        return "yes" if (m[1], m[2]) in objects else "no"
+    if m := re.fullmatch(r"how many things are (\w+) or (\w+) \?", question):
+        return CLEVR_COUNTS[colors.count(m[1]) + colors.count(m[2])]
+    if m := re.fullmatch(r"is there a (\w+) thing and a (\w+) thing \?", question):
+        return "yes" if m[1] in colors and m[2] in colors else "no"
+    raise AssertionError(f"not a clevr template: {question!r}")
+
+
+def test_clevr_answers_follow_from_the_scene_and_every_template_occurs():
+    import re
+
+    from tokenscale.workers.benchmarks import _clevr_question, _clevr_scene
+
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(400):
+        image, labels, objects = _clevr_scene(rng, 24)
+        assert 2 <= len(objects) <= 4
+        # every object is drawn: its colour's ink label covers pixels
+        for color, _ in objects:
+            assert (labels[0] == INK.index(color) + 1).any()
+        question, answer = _clevr_question(rng, objects)
+        assert _answer(question, objects) == answer, (question, objects)
+        seen.add(re.sub(r"\b(red|green|blue|yellow|purple|cyan|square|cross|squares|crosses)\b", "X", question))
+    assert len(seen) == 8, seen
+
+
+def test_clevr_questions_are_left_padded_to_the_longest():
+    split = generate("clevr", "train", 50, seed=3, image_size=24)
+    pad = VOCAB.index("<pad>")
+    lengths = (split.questions != pad).sum(axis=1)
+    assert lengths.max() == split.questions.shape[1] and lengths.min() < lengths.max()
+    assert ((split.questions == pad).cumprod(axis=1).sum(axis=1) == split.questions.shape[1] - lengths).all()

@@ -186,3 +186,19 @@ def test_plan_adaptive_lists_the_first_batch(tmp_path, capsys):
     assert listed == {t.trial_id for c in initial_design(list(table)) for t in table[c]} and len(listed) == 5
     assert main(["run", str(tmp_path / "g.yaml"), "--max-trials", "3", "--store", str(tmp_path / "s")]) == 2
     assert "--max-trials caps an adaptive run: add --adaptive" in capsys.readouterr().err
+
+
+def test_figure_one_puts_reasoning_beside_ocr():
+    from tokenscale.cli import figure_one
+
+    answers = {
+        "reasoning": {"llm": "l", "llm_params": 111000, "visual_tokens": 1, "compressor": "quecc", "form": "product",
+                      "predicted_error": 0.12, "predicted_error_lo": 0.1, "predicted_error_hi": 0.14, "p_optimal": 0.8},
+        "ocr": {"error": "budget below the cheapest candidate"},
+    }
+    lines = figure_one(answers, 3.3e6)
+    assert lines[0] == "  at 3.3e+06 FLOPs per query (cached query, Q = 0):"
+    assert lines[1].split() == ["reasoning", "ocr"]
+    assert lines[2].startswith("  LLM l (N=1.11e+05)") and "no answer: budget below" in lines[2]
+    assert "1 visual tokens, quecc" in lines[3] and "error 0.120 [0.100, 0.140]" in lines[4]
+    assert "chosen in 80% of the draws (product)" in lines[5]

@@ -491,6 +491,32 @@ def learning_report(store: Store, grid: str, alpha: float = 0.001) -> tuple[list
     return lines, unlearned
 
 
+def figure_one(answers: dict[str, dict], budget: float) -> list[str]:
+    """The paper's Figure 1 as text: at one inference budget, the compute-optimal choice for
+    reasoning beside the one for OCR (a bigger LLM with few tokens against more tokens),
+    each with its predicted error, 90% CI and the share of bootstrap draws choosing it."""
+    width = 40
+    lines = [f"  at {budget:.3g} FLOPs per query (cached query, Q = 0):", "  " + "".join(f"{t:<{width}}" for t in answers)]
+
+    def cell(answer: dict, key: str) -> str:
+        if "error" in answer:
+            return "no answer: " + str(answer["error"])[:width - 12]
+        if key == "llm":
+            return f"LLM {answer['llm']} (N={answer['llm_params']:.3g})"
+        if key == "tokens":
+            return f"{answer['visual_tokens']} visual tokens, {answer['compressor']}"
+        if key == "error":
+            lo, hi = answer.get("predicted_error_lo"), answer.get("predicted_error_hi")
+            ci = f" [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else ""
+            return f"error {answer['predicted_error']:.3f}{ci}"
+        share = answer.get("p_optimal")
+        return f"chosen in {share:.0%} of the draws ({answer['form']})" if share is not None else f"({answer['form']} law)"
+
+    for key in ("llm", "tokens", "error", "share"):
+        lines.append("  " + "".join(f"{cell(a, key):<{width}}" for a in answers.values()))
+    return lines
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     import requests
     from ray import serve
@@ -558,9 +584,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     try:
         columns, result_rows = query(store, f"select min(inference_flops), max(inference_flops) from results where grid = '{grid.name}'")
         budget = math.sqrt(result_rows[0][0] * result_rows[0][1])  # a mid-range budget
-        print(f"[4/4] GET {url}/optimal?flops={budget:.3g}&text_tokens=0&task=reasoning", flush=True)
-        answer = requests.get(f"{url}/optimal", params={"flops": budget, "text_tokens": 0, "task": "reasoning"}, timeout=30)
-        print(json.dumps(answer.json(), indent=2))
+        print(f"[4/4] the paper's Figure 1 at one budget: GET {url}/optimal?flops={budget:.3g}&text_tokens=0&task=…",
+              flush=True)
+        answers = {}
+        for task in ("reasoning", "ocr"):
+            reply = requests.get(f"{url}/optimal", params={"flops": budget, "text_tokens": 0, "task": task}, timeout=30)
+            answers[task] = reply.json() if reply.status_code == 200 else {"error": reply.text}
+        for line in figure_one(answers, budget):
+            print(line)
     finally:
         serve.shutdown()
     print(f"\nresults: {store.results_glob(grid.name)}\nlaws:    {store.laws_key(grid.name)}")

@@ -9,7 +9,8 @@ Two task families, as in the paper:
               last word ("what digit is in box two").
 
 Every example is (image [3, S, S] float32 in [0, 1], question token ids, answer token
-ids). Within a benchmark all questions have the same length and all answers too.
+ids). Within a benchmark all answers have the same length; questions are left-padded to
+the split's longest (clevr's templates differ in length).
 Generation is deterministic in (benchmark, split, seed); pixels are quantized to 8 bits,
 so a split is stored exactly as uint8 in a cache file (`$TOKENSCALE_CACHE`, default
 ~/.cache/tokenscale/benchmarks; `off` disables it), keyed by (benchmark, split, n, seed,
@@ -29,7 +30,7 @@ from tokenscale.store import write_atomically
 
 # Bump whenever rendering, questions or answers change, or a benchmark is added (the tower
 # pretrains on all of them): old cache files are then ignored.
-GENERATOR_VERSION = 5
+GENERATOR_VERSION = 6
 
 COLORS = {
     "red": (0.9, 0.1, 0.1),
@@ -66,6 +67,8 @@ SPECIAL = ("<pad>", "<eos>")
 WORDS = (
     "what", "color", "is", "the", "shape", "it", "how", "many", "shapes", "are", "there",
     "left", "right", "which", "side", "on", "of", "in", "box", "digit", "letter", "yes", "no", "?",
+    # the clevr benchmark's
+    "thing", "things", "squares", "crosses", "more", "than", "or", "and", "a", "zero",
 )
 VOCAB: tuple[str, ...] = tuple(
     dict.fromkeys(
@@ -221,6 +224,86 @@ def _spatial(rng: np.random.Generator, size: int):
     return image, labels, "which side is the shape on ?", side
 
 
+# ---- clevr: compositional questions about a small scene ------------------------------------
+#
+# Why this is reasoning in the paper's sense. The paper's reasoning benchmarks (GQA, MMBench,
+# ScienceQA...) ask questions whose visual content is small, a few global facts about the
+# scene, while the work is on the language side: parse the question, pick out objects by
+# their attributes, count, compare, combine. CLEVR, the field's synthetic benchmark for it,
+# is built so: a scene of a few objects with a few attributes, and questions composed from
+# templates. Here, at the demo's 24 px: 2-4 objects, one per cell of a 2 x 2 layout (so they
+# never touch), each with one of 6 colours and one of 2 shapes (square, cross: the two the
+# tiny tower tells apart by their ink, at a few pixels). The whole scene is at most 4 x
+# (colour, shape): a summary that fits in a handful of numbers, so a few visual tokens
+# carry what any question needs, and a compressor that sees the question (QueCC) can keep
+# just that. Eight templates, each needing a different composition of the same facts:
+# attribute of the object picked out by the other attribute, counting with a colour or a
+# shape filter, comparing two counts, existence of a conjunction, counting with "or",
+# existence of two things with "and". Nothing here is chosen to make either exponent come
+# out one way: the scene is as small as the OCR field, and the templates are CLEVR's kinds.
+
+CLEVR_SHAPES = ("square", "cross")
+CLEVR_PLURAL = {"square": "squares", "cross": "crosses"}
+CLEVR_COUNTS = ("zero", *NUMBER_WORDS)  # 0..4 objects
+
+
+def _clevr_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
+    image, labels = _canvas(rng, size)
+    cell = size // 2
+    objects = []
+    for quadrant in rng.permutation(4)[: int(rng.integers(2, 5))]:
+        color, shape = str(rng.choice(list(COLORS))), str(rng.choice(CLEVR_SHAPES))
+        radius = max(2, int(cell * 0.3))
+        oy, ox = (quadrant // 2) * cell, (quadrant % 2) * cell
+        cy, cx = oy + cell // 2 + int(rng.integers(-1, 2)), ox + cell // 2 + int(rng.integers(-1, 2))
+        _paint(image, labels, _shape_mask(shape, size, cy, cx, radius), color, shape)
+        objects.append((color, shape))
+    return image, labels, objects
+
+
+def _clevr_question(rng: np.random.Generator, objects: list[tuple[str, str]]) -> tuple[str, str]:
+    """One of eight templates, drawn uniformly among those the scene can answer."""
+    colors = [c for c, _ in objects]
+    shapes = [s for _, s in objects]
+    any_color = lambda: str(rng.choice(list(COLORS)))  # noqa: E731
+    templates = []
+    unique_shapes = [s for s in CLEVR_SHAPES if shapes.count(s) == 1]
+    if unique_shapes:  # the attribute of the object picked out by the other one
+        shape = str(rng.choice(unique_shapes))
+        templates.append((f"what color is the {shape} ?", colors[shapes.index(shape)]))
+    unique_colors = [c for c in COLORS if colors.count(c) == 1]
+    if unique_colors:
+        color = str(rng.choice(unique_colors))
+        templates.append((f"what shape is the {color} thing ?", shapes[colors.index(color)]))
+    color = any_color()
+    templates.append((f"how many {color} things are there ?", CLEVR_COUNTS[colors.count(color)]))
+    shape = str(rng.choice(CLEVR_SHAPES))
+    templates.append((f"how many {CLEVR_PLURAL[shape]} are there ?", CLEVR_COUNTS[shapes.count(shape)]))
+    first, second = (str(c) for c in rng.choice(list(COLORS), 2, replace=False))
+    templates.append((f"are there more {first} things than {second} things ?",
+                      "yes" if colors.count(first) > colors.count(second) else "no"))
+    color, shape = any_color(), str(rng.choice(CLEVR_SHAPES))
+    templates.append((f"is there a {color} {shape} ?", "yes" if (color, shape) in objects else "no"))
+    first, second = (str(c) for c in rng.choice(list(COLORS), 2, replace=False))
+    templates.append((f"how many things are {first} or {second} ?",
+                      CLEVR_COUNTS[colors.count(first) + colors.count(second)]))
+    first, second = (str(c) for c in rng.choice(list(COLORS), 2, replace=False))
+    templates.append((f"is there a {first} thing and a {second} thing ?",
+                      "yes" if first in colors and second in colors else "no"))
+    return templates[int(rng.integers(len(templates)))]
+
+
+def _clevr(rng: np.random.Generator, size: int):
+    image, labels, objects = _clevr_scene(rng, size)
+    question, answer = _clevr_question(rng, objects)
+    return image, labels, question, answer
+
+
+# guessing uniformly among a template's answers, averaged over the eight templates
+CLEVR_CHANCE = (1 / len(COLORS) + 1 / len(CLEVR_SHAPES) + 2 / len(CLEVR_COUNTS) + 1 / 2 + 1 / 2
+                + 1 / len(CLEVR_COUNTS) + 1 / 2) / 8
+
+
 def form_layout(size: int, length: int) -> tuple[int, int, int, int]:
     """The fixed text field of the OCR benchmarks, like a box on a form: `length` cells in a
     row across the image, vertically centred. Returns (cell width, cell height, top, scale):
@@ -263,6 +346,7 @@ BENCHMARKS: dict[str, Benchmark] = {
         Benchmark("shape", "reasoning", 1 / len(SHAPES), _shape),
         Benchmark("count", "reasoning", 1 / len(NUMBER_WORDS), _count),
         Benchmark("spatial", "reasoning", 1 / 2, _spatial),
+        Benchmark("clevr", "reasoning", CLEVR_CHANCE, _clevr),
         Benchmark("digits", "ocr", 1 / 10, _reading("0123456789", 3, "digit")),
         Benchmark("letters", "ocr", 1 / len(LETTERS), _reading(LETTERS, 3, "letter")),
     )
@@ -322,6 +406,9 @@ def generate(name: str, split: str, n: int, seed: int, image_size: int, cache: b
         questions.append(encode(question))
         answers.append(encode(answer) + [EOS])
     pixels = np.rint(np.stack(images) * 255).astype(np.uint8)
+    # clevr's templates differ in length: left-padded to the split's longest (masked out)
+    width = max(len(q) for q in questions)
+    questions = [[TOKEN_ID["<pad>"]] * (width - len(q)) + q for q in questions]
     q, a, lab = np.array(questions, dtype=np.int64), np.array(answers, dtype=np.int64), np.stack(labels)
     if path is not None:
         _store_cached(path, images=pixels, questions=q, answers=a, labels=lab)
