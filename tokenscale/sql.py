@@ -23,6 +23,7 @@ _DUCK_TYPES = {
     "int64": "BIGINT",
     "double": "DOUBLE",
     "timestamp[us, tz=UTC]": "TIMESTAMPTZ",
+    "bool": "BOOLEAN",
 }
 
 
