@@ -250,6 +250,13 @@ class LlavaEvalSpec(Model):
     max_new_tokens: StrictInt = Field(16, ge=1, description="greedy decoding stops here or at <eos>")
 
 
+def _unique_eval_names(evals: tuple[LlavaEvalSpec, ...]) -> None:
+    """Eval sets are told apart by name (their result rows' `benchmark`)."""
+    names = [e.name for e in evals]
+    if len(set(names)) != len(names):
+        raise _at("eval", f"names must be unique, got {names}")
+
+
 LLAVA_TEMPLATES = ("auto", "chat", "plain", "none")
 
 
@@ -298,9 +305,7 @@ class LlavaSpec(Model):
 
     @model_validator(mode="after")
     def _unique(self) -> LlavaSpec:
-        names = [e.name for e in self.eval]
-        if len(set(names)) != len(names):
-            raise _at("eval", f"names must be unique, got {names}")
+        _unique_eval_names(self.eval)
         for number in (1, 2):
             stage = self.stage(number)
             if stage is None:
@@ -860,15 +865,19 @@ def parse_grid(raw: Any, source: str = "grid") -> Grid:
         raise GridError(describe(err, Grid)) from None
 
 
-def load_grid(path: str | Path) -> Grid:
-    path = Path(path)
+def _read_yaml(path: Path, what: str) -> Any:
+    """A YAML file's content, or a GridError naming the file and what is wrong with it."""
     if not path.is_file():
-        raise GridError(f"{path}: no such grid file")
+        raise GridError(f"{path}: no such {what} file")
     try:
-        raw = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise GridError(f"{path}: not valid YAML ({err})") from None
-    return parse_grid(raw, str(path))
+
+
+def load_grid(path: str | Path) -> Grid:
+    path = Path(path)
+    return parse_grid(_read_yaml(path, "grid"), str(path))
 
 
 class EvalSets(Model):
@@ -878,9 +887,7 @@ class EvalSets(Model):
 
     @model_validator(mode="after")
     def _unique(self) -> EvalSets:
-        names = [e.name for e in self.eval]
-        if len(set(names)) != len(names):
-            raise _at("eval", f"names must be unique, got {names}")
+        _unique_eval_names(self.eval)
         for i, ev in enumerate(self.eval):
             if ev.image_folder is None:
                 raise _at(f"eval[{i}].image_folder", "required here: there is no training image folder to default to")
@@ -892,12 +899,7 @@ class EvalSets(Model):
 def load_eval_sets(path: str | Path) -> tuple[LlavaEvalSpec, ...]:
     """The eval sets of a YAML file `{eval: [{name, task_family, path, image_folder, ...}]}`."""
     path = Path(path)
-    if not path.is_file():
-        raise GridError(f"{path}: no such eval-sets file")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise GridError(f"{path}: not valid YAML ({err})") from None
+    raw = _read_yaml(path, "eval-sets")
     if not isinstance(raw, dict):
         raise GridError(f"{path}: the top level must be a mapping with the key eval (a list of eval sets)")
     try:
