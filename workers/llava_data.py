@@ -87,10 +87,14 @@ def local_file(uri: str) -> str:
     immutable (write a changed dataset under a new prefix, or clear the cache)."""
     if not uri.startswith("s3://"):
         return uri
-    path = os.path.join(_s3_cache(), uri[len("s3://") :])
+    return local_file_at(uri, os.path.join(_s3_cache(), uri[len("s3://") :]))
+
+
+def local_file_at(uri: str, path: str) -> str:
+    """`uri` (s3://) downloaded once to `path`; a concurrent reader never sees a partial file."""
     if not os.path.exists(path):
         data = Store(uri).get_bytes(uri)
-        write_atomically(path, lambda f: f.write(data))  # a concurrent reader never sees a partial file
+        write_atomically(path, lambda f: f.write(data))
     return path
 
 
@@ -632,11 +636,3 @@ class FeatureShards:
 
     def __getstate__(self) -> dict:  # DataLoader workers open their own maps
         return {**self.__dict__, "_open": {}}
-
-
-def local_file_at(uri: str, path: str) -> str:
-    """`uri` (s3://) downloaded once to `path`."""
-    if not os.path.exists(path):
-        data = Store(uri).get_bytes(uri)
-        write_atomically(path, lambda f: f.write(data))
-    return path

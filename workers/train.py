@@ -191,6 +191,14 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
+def _precision(trial: TrialConfig, device: torch.device) -> tuple[bool, torch.dtype]:
+    """(bf16 on?, the compute dtype): bf16 when asked, or on `auto` where CUDA supports it."""
+    use_bf16 = trial.train.bf16 == "on" or (
+        trial.train.bf16 == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    )
+    return use_bf16, torch.bfloat16 if use_bf16 else torch.float32
+
+
 def _batch(split: Any, index: np.ndarray, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The examples `index` of a split (generated) or LLaVA set: what VLM.forward takes."""
     return _tensors(split.batch(index), device, dtype)
@@ -625,10 +633,7 @@ def train_and_evaluate(
     data stream is a function of the step. `checkpoint(engine, progress)` is called at the
     end of stage 1 and every `train.checkpoint_every` steps of both stages."""
     device = _device()
-    use_bf16 = trial.train.bf16 == "on" or (
-        trial.train.bf16 == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
-    )
-    dtype = torch.bfloat16 if use_bf16 else torch.float32
+    use_bf16, dtype = _precision(trial, device)
     train_splits, eval_splits = load_splits(trial)
     model = _build_model(trial, device, dtype)
     sizes = ModelSizes.of(trial, model)  # before ZeRO-3 partitions the parameters
@@ -742,10 +747,7 @@ def evaluate_kept(
     if trial.data.llava is None:
         raise ValueError("tokenscale eval scores LLaVA-format eval sets: the grid has no data.llava (no tokenizer)")
     device = _device()
-    use_bf16 = trial.train.bf16 == "on" or (
-        trial.train.bf16 == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
-    )
-    dtype = torch.bfloat16 if use_bf16 else torch.float32
+    _, dtype = _precision(trial, device)
     model = _build_model(trial, device, dtype)
     sizes = ModelSizes.of(trial, model)
     state = torch.load(io.BytesIO(weights), map_location=device, weights_only=True)
