@@ -83,14 +83,17 @@ def measured(store: Store, grid: Grid, table: dict[Candidate, list[TrialConfig]]
     return out
 
 
-def next_cells(grid: Grid, store: Store, table: dict[Candidate, list[TrialConfig]], slots: int,
+def cells_done(by_family: dict[str, dict[Candidate, float]]) -> set[Candidate]:
+    return {c for errors in by_family.values() for c in errors}
+
+
+def next_cells(table: dict[Candidate, list[TrialConfig]], by_family: dict[str, dict[Candidate, float]], slots: int,
                settings: Settings) -> tuple[list[Candidate], str, dict[str, float]]:
-    """The next batch of cells (the rest of the initial design, then at most `slots`), why
-    (initial | acquire | settled | exhausted), and each family's least settled decision's
-    p_optimal."""
+    """The next batch of cells given what is `measured` (the rest of the initial design,
+    then at most `slots`), why (initial | acquire | settled | exhausted), and each family's
+    least settled decision's p_optimal."""
     candidates = list(table)
-    by_family = measured(store, grid, table)
-    done = {c for errors in by_family.values() for c in errors}
+    done = cells_done(by_family)
     # the space-filling start is one batch (nothing is fitted before it is complete; Tune
     # runs its cells `max_concurrent_trials` at a time); then `slots` cells a batch
     start = [c for c in initial_design(candidates, settings.form, settings.train_text_tokens) if c not in done]
@@ -121,12 +124,13 @@ def run_adaptive_grid(grid: Grid, store: Store, *, max_trials: int | None = None
     summary = AdaptiveSummary(grid.name, len(table))
     slots = max(1, grid.max_concurrent_trials)
     while True:
-        done = len({c for fam in measured(store, grid, table).values() for c in fam})
-        left = None if max_trials is None else max_trials - done
+        by_family = measured(store, grid, table)  # the store, read once a batch
+        summary.cells_run = len(cells_done(by_family))
+        left = None if max_trials is None else max_trials - summary.cells_run
         if left is not None and left <= 0:
             summary.stopped = "max_trials"
             break
-        batch, reason, summary.p_optimal_min = next_cells(grid, store, table, slots, settings)
+        batch, reason, summary.p_optimal_min = next_cells(table, by_family, slots, settings)
         batch = batch if left is None else batch[:left]
         if not batch:
             summary.stopped = reason
@@ -139,8 +143,8 @@ def run_adaptive_grid(grid: Grid, store: Store, *, max_trials: int | None = None
         result = run_grid(grid, store, verbose, ray_storage_uri, only=hashes)
         if result.errored:
             summary.errored, summary.stopped = result.errored, "errored"
+            summary.cells_run = len(cells_done(measured(store, grid, table)))
             break
-    summary.cells_run = len({c for fam in measured(store, grid, table).values() for c in fam})
     return summary
 
 

@@ -110,10 +110,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     rows = plan_rows(grid, store)
     if args.adaptive:  # the cells the adaptive loop would start next, given what the store has
         from tokenscale.fitting.adaptive import Settings
-        from tokenscale.orchestrator.adaptive import cells, next_cells
+        from tokenscale.orchestrator.adaptive import cells, measured, next_cells
 
         table = cells(grid)
-        batch, reason, _ = next_cells(grid, store, table, max(1, grid.max_concurrent_trials), Settings())
+        batch, reason, _ = next_cells(table, measured(store, grid, table), max(1, grid.max_concurrent_trials), Settings())
         chosen = {t.trial_id for c in batch for t in table[c]}
         rows = [r for r in rows if r["trial_id"] in chosen]
         if args.format != "json":
@@ -263,11 +263,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     eval_sets = load_eval_sets(args.eval)
     store = _store(args)
     grid = load_saved_grid(store, args.grid)
-    own = {e.name for e in grid.data.llava.eval} if grid.data.llava else set()
     if grid.data.llava is None:
         raise CLIError(f"grid {grid.name!r} has no data.llava: eval sets are LLaVA-format and need the LLMs' tokenizers")
-    if own & {e.name for e in eval_sets}:
-        raise CLIError(f"eval set(s) {', '.join(sorted(own & {e.name for e in eval_sets}))} are the grid's own "
+    clash = sorted({e.name for e in grid.data.llava.eval} & {e.name for e in eval_sets})
+    if clash:
+        raise CLIError(f"eval set(s) {', '.join(clash)} are the grid's own "
                        "(scored when each trial finished); give new sets another name")
     trials = grid.trials()
     kept = [t for t in trials if store.exists(store.weights_key(t.grid, t.compressor, t.config_hash))]
