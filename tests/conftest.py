@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -57,6 +59,43 @@ def s3_endpoint(monkeypatch):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def worker_env(**extra: str) -> dict[str, str]:
+    """The environment for a `python -m tokenscale.workers` / torchrun subprocess: this
+    process's, without the launcher variables a test may have set (a world of one has
+    RANK=0 set in this process) or a Ray to join, quiet progress bars, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "RAY_ADDRESS")}
+    return {**env, "TQDM_DISABLE": "1", **extra}
+
+
+def final_metrics(stderr: str, rank: int = 0) -> dict:
+    """A `python -m tokenscale.workers` run's final metrics of `rank`, from the
+    `[rank R/W] {...}` line it reports on stderr once both stages ran."""
+    lines = [line for line in stderr.splitlines() if line.startswith(f"[rank {rank}/") and '"stage2_loss"' in line]
+    return json.loads(lines[-1].split(" ", 2)[2])
+
+
+def stop_processes(family: list, group: int | None = None) -> None:
+    """Stop exactly these processes (psutil.Process, collected by pid from what a test
+    started), and the process group `group` when given: SIGTERM, then SIGKILL to any left
+    after 15 s. Never by name or pattern: other processes on the machine stay."""
+    import psutil
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if group is not None:
+            try:
+                os.killpg(group, sig)
+            except ProcessLookupError:
+                pass
+        for proc in family:
+            try:
+                proc.send_signal(sig)
+            except psutil.Error:
+                pass
+        _, alive = psutil.wait_procs(family, timeout=15)
+        if not alive:
+            return
 
 
 def tiny_grid(name: str = "tiny", llms: int = 3, visual_tokens=(1, 16), **overrides) -> dict:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -16,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 import ray
-from conftest import free_port, tiny_grid, wait_for_port
+from conftest import free_port, stop_processes, tiny_grid, wait_for_port
 
 from tokenscale.config import parse_grid
 from tokenscale.orchestrator.driver import run_grid
@@ -58,19 +57,7 @@ def stop_cluster(head: subprocess.Popen) -> None:
         family = [head_proc := psutil.Process(head.pid), *head_proc.children(recursive=True)]
     except psutil.NoSuchProcess:
         family = []
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(head.pid, sig)
-        except ProcessLookupError:
-            pass
-        for proc in family:
-            try:
-                proc.send_signal(sig)
-            except psutil.Error:
-                pass
-        _, alive = psutil.wait_procs(family, timeout=15)
-        if not alive:
-            break
+    stop_processes(family, group=head.pid)
     head.wait(timeout=10)
 
 

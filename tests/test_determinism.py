@@ -8,12 +8,11 @@ step)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import yaml
-from conftest import tiny_grid
+from conftest import final_metrics, tiny_grid, worker_env
 
 from tokenscale.config import parse_grid
 
@@ -28,14 +27,13 @@ KEYS = ("stage1_loss", "stage2_loss", "last_step_loss", "mean_score")
 def _fresh_process(tmp_path, trial_index: int, cache) -> tuple[dict, list[tuple[str, float]]]:
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(GRID))
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "RAY_ADDRESS")}
-    env.update(TOKENSCALE_CACHE=str(cache), TQDM_DISABLE="1")
+    env = worker_env(TOKENSCALE_CACHE=str(cache))
     done = subprocess.run(
         [sys.executable, "-m", "tokenscale.workers", str(path), "--trial", str(trial_index), "--threads", "1",
          "--format", "jsonl"], env=env, capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    metrics = json.loads([line for line in done.stderr.splitlines() if '"stage2_loss"' in line][-1].split(" ", 2)[2])
+    metrics = final_metrics(done.stderr)
     rows = [json.loads(line) for line in done.stdout.splitlines()]
     return {k: metrics[k] for k in KEYS}, sorted((r["benchmark"], r["score"]) for r in rows)
 

@@ -200,11 +200,23 @@ def train_attempts(session_dir: str, name: str) -> dict[str, dict[str, str]]:
     return attempts
 
 
-def test_zero3_two_workers_through_ray_train(tmp_path, monkeypatch):
+def run_in_local_ray(grid, store: Store, monkeypatch):
+    """Run `grid` in a local Ray of its own (the spare CPU for worker groups); returns
+    (its summary, the Ray session's directory, where `train_attempts` reads the runs)."""
     import ray
 
     from tokenscale.orchestrator.driver import init_ray, run_grid
 
+    _ray_env(monkeypatch)
+    init_ray(spare_cpu=True)
+    try:
+        session = ray._private.worker._global_node.get_session_dir_path()
+        return run_grid(grid, store, verbose=0), session
+    finally:
+        ray.shutdown()
+
+
+def test_zero3_two_workers_through_ray_train(tmp_path, monkeypatch):
     # 2 workers x 0.5 CPU + the Tune trial's 0.01: fits the 2 cores + 1 spare CPU that
     # init_ray gives a local Ray when trials run in worker groups
     grid = parse_grid(two_worker_grid(
@@ -213,14 +225,8 @@ def test_zero3_two_workers_through_ray_train(tmp_path, monkeypatch):
     trial = grid.trials()[0]
     assert grid.resources.for_llm(trial.llm)["execution"] == "workers"
     store = Store.open(str(tmp_path / "store"))
-    _ray_env(monkeypatch)
-    init_ray(spare_cpu=True)
-    try:
-        session = ray._private.worker._global_node.get_session_dir_path()
-        summary = run_grid(grid, store, verbose=0)
-        attempts = train_attempts(session, trial.trial_id)
-    finally:
-        ray.shutdown()
+    summary, session = run_in_local_ray(grid, store, monkeypatch)
+    attempts = train_attempts(session, trial.trial_id)
     assert summary.errored == 0 and summary.finished == 1, summary
     _only_result_object(store, trial)
     assert [list(a.values()) for a in attempts.values()] == [["FINISHED"]], "one Ray Train run, one attempt"
@@ -288,10 +294,6 @@ def tune_trials(experiment: Path) -> dict[str, dict]:
 def test_attempts_per_trial_are_max_failures_plus_one(tmp_path, monkeypatch):
     """A trial that fails in every attempt runs max_failures + 1 times in both execution
     modes: Tune retries it; Ray Train, inside a worker-group trial, never does."""
-    import ray
-
-    from tokenscale.orchestrator.driver import init_ray, run_grid
-
     checkpoint = tmp_path / "qwen-cut-short"
     _broken_llm_checkpoint(checkpoint)
     raw = two_worker_grid(
@@ -305,14 +307,8 @@ def test_attempts_per_trial_are_max_failures_plus_one(tmp_path, monkeypatch):
     trials = {t.llm.name: t for t in grid.trials()}
     assert {n: grid.resources.for_llm(t.llm)["execution"] for n, t in trials.items()} == {"in-group": "workers", "in-trial": "in_trial"}
     store = Store.open(str(tmp_path / "store"))
-    _ray_env(monkeypatch)
-    init_ray(spare_cpu=True)
-    try:
-        session = ray._private.worker._global_node.get_session_dir_path()
-        summary = run_grid(grid, store, verbose=0)
-        attempts = train_attempts(session, trials["in-group"].trial_id)
-    finally:
-        ray.shutdown()
+    summary, session = run_in_local_ray(grid, store, monkeypatch)
+    attempts = train_attempts(session, trials["in-group"].trial_id)
     assert summary.errored == 2 and summary.finished == 0, summary
     assert store.list(store.uri, ".parquet") == []
 

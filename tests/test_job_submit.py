@@ -16,7 +16,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import tempfile
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from conftest import REPO, free_port, tiny_grid
+from conftest import REPO, free_port, stop_processes, tiny_grid
 
 pytestmark = pytest.mark.slow
 
@@ -119,16 +118,7 @@ def family_of(group: int) -> list[psutil.Process]:
 
 def stop_group(group: int) -> None:
     """Stop what the bash of process group `group` started, and nothing else."""
-    family = family_of(group)
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for proc in family:
-            try:
-                proc.send_signal(sig)
-            except psutil.Error:
-                pass
-        _, alive = psutil.wait_procs(family, timeout=15)
-        if not alive:
-            return
+    stop_processes(family_of(group))
 
 
 class Head:

@@ -8,13 +8,12 @@ test_real_model.py."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 import yaml
-from conftest import tiny_grid
+from conftest import tiny_grid, worker_env
 
 from tokenscale.workers.metrics import chance_floor
 
@@ -35,8 +34,7 @@ def test_a_trial_beats_chance_on_both_task_families(tmp_path):
     )
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(grid))
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "RAY_ADDRESS")}
-    env.update(TOKENSCALE_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    env = worker_env(TOKENSCALE_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
     done = subprocess.run(
         [sys.executable, "-m", "tokenscale.workers", str(path), "--trial", "1", "--format", "jsonl"],
         env=env, capture_output=True, text=True, timeout=600,

@@ -12,7 +12,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers is imported: nothing f
 import numpy as np  # noqa: E402
 import pytest
 import torch
-from conftest import tiny_grid
+from conftest import final_metrics, tiny_grid, worker_env
 
 from tokenscale.config import GridError, TrialConfig, grid_to_dict, parse_grid
 from tokenscale.workers import llava_data
@@ -685,11 +685,6 @@ def test_kept_weights_are_scored_on_eval_sets_added_later(assets, tmp_path, monk
     assert "eval[0].image_folder: required here" in capsys.readouterr().err
 
 
-def _final_metrics(stderr: str, rank: int) -> dict:
-    lines = [line for line in stderr.splitlines() if line.startswith(f"[rank {rank}/") and '"stage2_loss"' in line]
-    return json.loads(lines[-1].split(" ", 2)[2])
-
-
 def test_frozen_tower_features_are_built_once_into_the_store_split_across_workers(assets, tmp_path):
     """A frozen tower's features: the first trial (2 workers under torchrun) splits the
     missing shards between its ranks and writes them to <store>/features/; a second trial
@@ -709,8 +704,7 @@ def test_frozen_tower_features_are_built_once_into_the_store_split_across_worker
     grid = tmp_path / "grid.yaml"
     grid.write_text(yaml.safe_dump(raw))
     store = tmp_path / "store"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "RAY_ADDRESS")}
-    env.update(TOKENSCALE_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    env = worker_env(TOKENSCALE_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     runs = []
     for trial, workers in (("0", 2), ("1", 1)):
         run = subprocess.run(
@@ -720,10 +714,10 @@ def test_frozen_tower_features_are_built_once_into_the_store_split_across_worker
         )
         assert run.returncode == 0, run.stderr[-3000:]
         runs.append(run)
-    built = [_final_metrics(runs[0].stderr, rank)["feature_shards_built"] for rank in (0, 1)]
+    built = [final_metrics(runs[0].stderr, rank)["feature_shards_built"] for rank in (0, 1)]
     # three files, one shard each (train.json read by both stages counts once): 2 + 1
     assert sorted(built) == [1, 2], built
-    assert _final_metrics(runs[1].stderr, 0)["feature_shards_built"] == 0
+    assert final_metrics(runs[1].stderr, 0)["feature_shards_built"] == 0
     shards = Store.open(str(store)).list(str(store / "features"), ".npy")
     assert len(shards) == 3 and all(path.endswith("shard-000000.npy") for path in shards)
     rows = sorted(np.load(p, mmap_mode="r").shape[0] for p in shards)

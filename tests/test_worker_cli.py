@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, tiny_grid
+from conftest import REPO, final_metrics, tiny_grid, worker_env
 
 from tokenscale.config import GridError, TrialConfig, parse_grid
 from tokenscale.costs import inference_flops
@@ -36,8 +35,7 @@ def _trial(train: dict | None = None, vision: dict | None = None, **llm) -> Tria
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "RAY_ADDRESS")}
-    return {**env, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    return worker_env(OMP_NUM_THREADS="1")
 
 
 def _counted(trial: TrialConfig) -> tuple[int, int]:
@@ -173,8 +171,7 @@ def test_a_late_resume_reports_the_losses_of_an_unbroken_run(tmp_path):
             capture_output=True, text=True, timeout=180, env=_env(), cwd=tmp_path,
         )
         assert run.returncode == 0, run.stderr[-3000:]
-        line = next(line for line in run.stderr.splitlines() if '"stage2_loss"' in line)
-        finals.append(json.loads(line[line.index("{"):]))
+        finals.append(final_metrics(run.stderr))
     unbroken, resumed = finals
     assert (unbroken["resumed_from_stage"], resumed["resumed_from_stage"], resumed["resumed_from_step"]) == (0, 2, 8)
     for key in ("stage1_loss", "stage2_loss", "last_step_loss", "mean_score"):
