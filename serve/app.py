@@ -6,6 +6,7 @@
     GET /laws      fitted laws with their CIs
     GET /trials    best observed trials of a task family
     GET /healthz   200 while the process is up: ready, the laws' fingerprint, last_reload_error
+    GET /          the grid's report page (serve/report.py): figures, laws, trials, curves
     OpenAPI at /docs and /openapi.json.
 
 Status codes. The caller's fault is a 4xx whose message names the parameter and what is
@@ -34,12 +35,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -58,6 +60,15 @@ from .advisor import (
     laws_fingerprint,
     load_snapshot,
 )
+from .report import build_report
+
+# The report page is rebuilt when the laws reload, and otherwise at most this often (its
+# trials' status and curves move while a grid runs).
+PAGE_SECONDS = 30.0
+
+TrialStatusFn = Callable[[Store, str], Any]
+"""`(store, grid) -> statuses` for the report's trial table (the CLI passes the
+orchestrator's `grid_status`); without it the page lists the trials that have results."""
 
 log = logging.getLogger("ray.serve")
 
@@ -279,9 +290,13 @@ class Replica:
         reload_seconds: float = 5.0,
         cis: bool = True,
         poll: bool = True,
+        trial_status: TrialStatusFn | None = None,
     ):
         self.store = Store(store_uri)
         self.grid = grid
+        self.trial_status = trial_status
+        self._page: tuple[tuple, float, str] | None = None  # (laws fingerprint, built at, html)
+        self._page_lock = threading.Lock()
         self.reload_seconds = float(reload_seconds)
         self.cis = bool(cis)
         self._advisor: Advisor | None = None
@@ -370,6 +385,33 @@ class Replica:
         except Exception as err:  # our fault, not the request's: 500 with the cause, traceback logged
             return internal_error(err)
 
+    def page(self) -> HTMLResponse | JSONResponse:
+        """The report page of the grid served (`serve/report.py`), rebuilt when the laws
+        reloaded or after PAGE_SECONDS; the same status codes as the JSON endpoints."""
+        try:
+            advisor = self._advisor
+            grid = advisor.snapshot.grid if advisor else self.grid
+            if grid is None:
+                return self.answer(lambda a: {})  # the JSON endpoints' 404 / 503 for "no laws"
+            key = advisor.snapshot.fingerprint if advisor else ()
+            with self._page_lock:  # one build at a time; the others wait for it
+                if self._page is None or self._page[0] != key or time.monotonic() - self._page[1] > PAGE_SECONDS:
+                    self._page = (key, time.monotonic(), build_report(self.store, grid, advisor, self._statuses(grid)))
+                return HTMLResponse(self._page[2])
+        except StoreError as err:
+            return _error(503, f"the report could not be built: the store could not be read ({one_line(err, 480)})")
+        except Exception as err:  # ours: 500 with the cause, traceback logged
+            return internal_error(err)
+
+    def _statuses(self, grid: str) -> Any:
+        if self.trial_status is None:
+            return None
+        try:
+            return self.trial_status(self.store, grid)
+        except Exception as err:  # no saved grid (results written by other means): results only
+            log.info("tokenscale: report without trial status for %s: %s", grid, one_line(err))
+            return None
+
     def health(self) -> dict:
         adv = self._advisor
         snap = adv.snapshot if adv else None
@@ -395,6 +437,11 @@ def build_api(replica: Replica) -> FastAPI:
     api.add_exception_handler(RequestValidationError, _invalid)
     api.add_exception_handler(StarletteHTTPException, _http_error)
     api.add_exception_handler(Exception, _unexpected)
+
+    # a page for people, not part of the API: left out of /openapi.json (and so of its fuzzing)
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def report() -> HTMLResponse | JSONResponse:
+        return replica.page()
 
     @api.get("/healthz", response_model=Health)
     async def healthz() -> JSONResponse:
@@ -459,6 +506,7 @@ def start(
     name: str = "tokenscale",
     route_prefix: str = "/",
     replica_class: type[Replica] = Replica,
+    trial_status: TrialStatusFn | None = None,
 ) -> str:
     """Deploy on the running Ray (bound to `host`, loopback by default); returns the base URL.
 
@@ -466,7 +514,8 @@ def start(
     and polls it every `reload_seconds`. `cis=False` skips reading the stored draws
     (faster loads; the CI and share fields are then null). `name`/`route_prefix` let several stores be served
     side by side on one Serve instance (Serve has one HTTP proxy: host/port apply to the
-    first `start` only). `replica_class`: a subclass of `Replica` (e.g. with more routes)."""
+    first `start` only). `replica_class`: a subclass of `Replica` (e.g. with more routes).
+    `trial_status`: where `GET /` reads each trial's status (see `Replica`)."""
     if not reload_seconds > 0:
         raise ValueError(f"reload_seconds={reload_seconds}: give a positive number of seconds")
     if num_replicas < 1 or num_cpus < 0 or max_ongoing_requests < 1:
@@ -477,6 +526,6 @@ def start(
         num_replicas=num_replicas,
         max_ongoing_requests=max_ongoing_requests,
         ray_actor_options={"num_cpus": num_cpus},
-    ).bind(store_uri, grid, reload_seconds, cis)
+    ).bind(store_uri, grid, reload_seconds, cis, trial_status=trial_status)
     serve.run(app, name=name, route_prefix=route_prefix, blocking=False)
     return f"http://{host}:{port}" + ("" if route_prefix == "/" else route_prefix.rstrip("/"))

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -218,3 +221,81 @@ def run_tokenscale_all(commands: list[tuple[str, ...]], cwd=None, timeout: float
             stdout, stderr = proc.communicate()
         out.append(subprocess.CompletedProcess(list(args), proc.returncode, stdout, stderr))
     return out
+
+
+# ---- a real browser ---------------------------------------------------------------------
+
+CHROMIUM_FLAGS = (
+    # as root in a container: no sandbox; no GPU; and none of Chromium's own network traffic
+    # (this machine's network is closed: those connections would only be refused)
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--enable-logging=stderr", "--v=0",
+)
+
+
+def chromium() -> str:
+    """Debian's Chromium (`make test` installs the package where it is missing)."""
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert found, "no chromium on PATH: `make test` installs Debian's chromium package (apt-get install chromium)"
+    return found
+
+
+@dataclass
+class Rendered:
+    dom: str  # the document after its scripts ran
+    console: list[str]  # every console message and uncaught error the page produced
+    screenshot: Path
+
+
+def render_page(page: Path, out: Path, width: int = 1280, height: int = 2400) -> Rendered:
+    """Open a local page in headless Chromium twice, each in a fresh profile under `out`:
+    once to dump its DOM after the scripts ran (and collect what it logged to the
+    console), once for a PNG screenshot."""
+    url = page.resolve().as_uri()
+    dom = subprocess.run([chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={out / 'profile-dom'}",
+                          "--virtual-time-budget=5000", "--dump-dom", url],
+                         capture_output=True, text=True, timeout=120, check=True)
+    console = [line for line in dom.stderr.splitlines() if ":CONSOLE" in line]
+    shot = out / "screenshot.png"
+    subprocess.run([chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={out / 'profile-shot'}", "--hide-scrollbars",
+                    f"--window-size={width},{height}", f"--screenshot={shot}", url],
+                   capture_output=True, text=True, timeout=120, check=True)
+    return Rendered(dom.stdout, console, shot)
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """(width, height) from a PNG's IHDR chunk."""
+    data = path.read_bytes()[:24]
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+class ChartCounter(HTMLParser):
+    """Each `<svg class="chart" data-chart=ID>` in a DOM with its number of
+    `<g class="series">`, by ID."""
+
+    def __init__(self, dom: str):
+        super().__init__()
+        self.series: dict[str, int] = {}
+        self._chart: str | None = None
+        self._depth = 0
+        self.feed(dom)
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        a = dict(attrs)
+        if tag == "svg" and "chart" in (a.get("class") or "").split():
+            self._chart, self._depth = a.get("data-chart") or "", 0
+            self.series[self._chart] = 0
+        elif self._chart is not None:
+            self._depth += 1
+            if tag == "g" and "series" in (a.get("class") or "").split():
+                self.series[self._chart] += 1
+
+    def handle_endtag(self, tag: str) -> None:
+        if self._chart is None:
+            return
+        if tag == "svg" and self._depth == 0:
+            self._chart = None
+        else:
+            self._depth -= 1

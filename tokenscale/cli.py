@@ -452,14 +452,60 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from tokenscale.serve.app import start
 
     init_ray()
+    from tokenscale.orchestrator.status import grid_status
+
     url = start(store.uri, args.grid, args.host, args.port, args.reload_seconds,
-                num_replicas=args.replicas, num_cpus=args.num_cpus)
-    print(f"serving {store.uri} at {url} (OpenAPI at {url}/docs); Ctrl-C to stop", flush=True)
+                num_replicas=args.replicas, num_cpus=args.num_cpus, trial_status=grid_status)
+    print(f"serving {store.uri} at {url} (the report page at {url}/, OpenAPI at {url}/docs); Ctrl-C to stop", flush=True)
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         return 0
+
+
+# ---- report ------------------------------------------------------------------------------
+
+
+def _trial_statuses(store: Store, grid: str) -> list | None:
+    """Each trial's status as `tokenscale status` gives it; None when the grid was not run
+    by `tokenscale run` (no saved grid: the report then lists the trials with results)."""
+    from tokenscale.config import GridError
+    from tokenscale.orchestrator.status import grid_status
+
+    try:
+        return grid_status(store, grid)
+    except GridError:
+        return None
+
+
+def write_report(store: Store, grid: str, out: str | None = None) -> str:
+    """The grid's report page (serve/report.py) written to `out` (a local file), else to
+    <store>/<grid>/report.html; returns where."""
+    from tokenscale.serve.advisor import Advisor, load_snapshot
+    from tokenscale.serve.report import build_report
+    from tokenscale.store import write_atomically
+
+    snapshot = load_snapshot(store, grid)
+    statuses = _trial_statuses(store, grid)
+    if snapshot is None and statuses is None and not store.list(store.join(grid, "results"), ".parquet"):
+        raise CLIError(f"grid {grid!r} has no results and was never run with store {store.uri}: "
+                       f"start it with `tokenscale run`, or give the right --store")
+    page = build_report(store, grid, Advisor(snapshot) if snapshot else None, statuses).encode()
+    if out:
+        path = Path(out).expanduser().resolve()
+        write_atomically(path, lambda f: f.write(page))
+        return str(path)
+    key = store.join(grid, "report.html")
+    store.put_bytes(key, page)
+    return key
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    if args.out is not None and not args.out.endswith((".html", ".htm")):
+        raise CLIError(f"--out {args.out!r}: give a file name ending in .html")
+    print(write_report(_store(args), _grid_name(args.grid), args.out))
+    return 0
 
 
 # ---- demo --------------------------------------------------------------------------------
@@ -580,7 +626,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     print("[3/4] serving the laws with Ray Serve", flush=True)
     init_ray()
-    url = start(store.uri, grid.name, "127.0.0.1", args.port)
+    from tokenscale.orchestrator.status import grid_status
+
+    url = start(store.uri, grid.name, "127.0.0.1", args.port, trial_status=grid_status)
     try:
         columns, result_rows = query(store, f"select min(inference_flops), max(inference_flops) from results where grid = '{grid.name}'")
         budget = math.sqrt(result_rows[0][0] * result_rows[0][1])  # a mid-range budget
@@ -594,7 +642,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
             print(line)
     finally:
         serve.shutdown()
+    report = write_report(store, grid.name)
     print(f"\nresults: {store.results_glob(grid.name)}\nlaws:    {store.laws_key(grid.name)}")
+    print(f"report:  {report} (open it in a browser; `tokenscale serve` also serves it at /)")
     print(f"try:     tokenscale sql \"select llm, visual_tokens, task_family, avg(score) from results group by all order by all\" --store {store.uri}")
     print(f"demo finished in {time.perf_counter() - started:.0f}s")
     return 0
@@ -696,6 +746,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the stopping rule: the top candidate's share of the bootstrap draws at every decision (default 0.95)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser("report", help="one self-contained HTML page of a grid: figures, laws, /optimal, trials, curves")
+    p.add_argument("grid", help="grid name in the store")
+    p.add_argument("--store", help=store_help)
+    p.add_argument("--out", metavar="FILE.html", help="where to write it (default: <store>/<grid>/report.html)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("serve", help="the Ray Serve API over the store's laws")
     p.add_argument("--store", help=store_help)
