@@ -439,7 +439,7 @@ def build_api(replica: Replica) -> FastAPI:
     api.add_exception_handler(Exception, _unexpected)
 
     # a page for people, not part of the API: left out of /openapi.json (and so of its fuzzing)
-    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    @api.get("/", response_class=HTMLResponse, response_model=None, include_in_schema=False)
     async def report() -> HTMLResponse | JSONResponse:
         return replica.page()
 

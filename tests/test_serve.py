@@ -117,6 +117,13 @@ def get(url: str, path: str, **params) -> requests.Response:
     return requests.get(f"{url}{path}", params=params, timeout=30)
 
 
+def report_payload(page: str) -> dict:
+    """The data embedded in a report page (serve/report.py)."""
+    start = page.index('<script type="application/json" id="report-data">')
+    payload = page[page.index(">", start) + 1 : page.index("</script>", start)]
+    return json.loads(payload)
+
+
 # ---- the answers, without Ray ---------------------------------------------------------------
 
 
@@ -340,6 +347,12 @@ def test_every_endpoint_over_http(served, advisor, store):
         "last_reload_error": None,
     }
 
+    # the report page at /: HTML whose data are the laws served
+    page = get(url, "/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html"), page.text[:300]
+    data = report_payload(page.text)
+    assert (data["grid"], data["fitted_at"], len(data["laws"])) == (GRID, advisor.snapshot.fitted_at, len(advisor.laws()["laws"]))
+
     answer = get(url, "/optimal", flops=2e9, text_tokens=16, task="reasoning")
     assert answer.status_code == 200, answer.text
     body = answer.json()
@@ -511,7 +524,7 @@ def test_hot_reload_without_restart(served):
     _, url, pending = served
     health = get(url, "/healthz")
     assert health.status_code == 200 and not health.json()["ready"]
-    for path, params in (("/optimal", {"flops": 1e10}), ("/frontier", {}), ("/laws", {}), ("/trials", {})):
+    for path, params in (("/optimal", {"flops": 1e10}), ("/frontier", {}), ("/laws", {}), ("/trials", {}), ("/", {})):
         response = get(url, path, **params)
         assert response.status_code == 404 and "tokenscale fit" in response.json()["error"], response.text
 
@@ -531,6 +544,8 @@ def test_hot_reload_without_restart(served):
         assert time.monotonic() - started < bound, "the refit was not served in time"
         time.sleep(0.1)
     after = get(url, "/optimal", flops=1e10, task="ocr").json()
+    # the report page is rebuilt with the laws
+    assert {law["alpha"] for law in report_payload(get(url, "/").text)["laws"]} == {0.45}
     assert after["fitted_at"] > before["fitted_at"]
     assert not math.isclose(after["predicted_error"], before["predicted_error"])
     assert get(url, "/healthz").json()["fitted_at"].startswith("2026-01-02")
