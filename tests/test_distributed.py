@@ -100,8 +100,18 @@ def _env() -> dict[str, str]:
 
 
 def _only_result_object(store: Store, trial: TrialConfig) -> None:
-    assert store.list(store.uri, ".parquet") == [store.result_key(trial.grid, trial.compressor, trial.config_hash)]
+    """The trial's result and its curve, one object each: a point at each stage's end (the
+    tiny stages are shorter than train.report_every), written by rank 0 alone."""
+    assert store.list(store.uri, ".parquet") == [
+        store.curve_key(trial.grid, trial.compressor, trial.config_hash),
+        store.result_key(trial.grid, trial.compressor, trial.config_hash),
+    ]
     assert store.read_results(trial.grid).num_rows == 2  # one row per benchmark, written once
+    curve = store.read_curves(trial.grid).to_pylist()
+    assert [(r["stage"], r["step"], r["steps"]) for r in curve] == [
+        (1, trial.train.stage1_steps, trial.train.stage1_steps), (2, trial.train.stage2_steps, trial.train.stage2_steps),
+    ]
+    assert {r["trial_id"] for r in curve} == {trial.trial_id}
 
 
 # ---- which examples each worker sees ------------------------------------------------------

@@ -68,6 +68,11 @@ def test_config_hash_is_stable_and_sensitive():
     c = parse_grid(tiny_grid(train={"stage2_steps": 5})).trials()[0]
     assert a.config_hash == b.config_hash
     assert a.config_hash != c.config_hash
+    # how often a trial reports its progress is how it runs, not what it computes
+    for every in (0, 3):
+        raw = tiny_grid()
+        raw["train"]["report_every"] = every
+        assert parse_grid(raw).trials()[0].config_hash == a.config_hash
 
 
 @pytest.mark.parametrize(

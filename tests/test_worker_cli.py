@@ -115,9 +115,11 @@ def test_torchrun_world_of_two(tmp_path):
     rows = [json.loads(line) for line in run.stdout.splitlines()]  # printed by rank 0 only
     _check_rows(rows, trial, 500_000, _counted(trial)[1])
     assert Store.open(str(store)).list(str(store), ".parquet") == [
-        Store.open(str(store)).result_key("cli", "quecc", trial.config_hash)
+        Store.open(str(store)).curve_key("cli", "quecc", trial.config_hash),
+        Store.open(str(store)).result_key("cli", "quecc", trial.config_hash),
     ]
     assert Store.open(str(store)).read_results("cli").num_rows == 2  # written once
+    assert Store.open(str(store)).read_curves("cli").num_rows == 2  # each stage's end, by rank 0 only
 
 
 def test_torchrun_rejects_a_global_batch_that_does_not_split(tmp_path):
@@ -158,24 +160,55 @@ def test_trial_from_a_grid_yaml(tmp_path):
     assert main([str(tmp_path / "missing.yaml")]) == 2
 
 
+def _progress_reports(stderr: str) -> list[dict]:
+    """The curve points a `python -m tokenscale.workers` run reported (rank 0's)."""
+    lines = [line for line in stderr.splitlines() if line.startswith("[rank 0/") and '"elapsed_seconds"' in line]
+    return [json.loads(line.split(" ", 2)[2]) for line in lines]
+
+
 def test_a_late_resume_reports_the_losses_of_an_unbroken_run(tmp_path):
     """Resumed 4 steps before the end of stage 2, the trial reports the same stage-2 loss
-    (the mean of its last 10 steps, 6 of them from before the checkpoint) as an unbroken run."""
-    trial = _trial(train={"stage2_steps": 12, "checkpoint_every": 8})
+    (the mean of its last 10 steps, 6 of them from before the checkpoint) as an unbroken run,
+    and stores the same training curve: every point once, the points before the checkpoint
+    carried in it (with the step losses since the last point: report_every 5 does not
+    divide the checkpoint's step 8), the later ones reported again."""
+    trial = _trial(train={"stage2_steps": 12, "checkpoint_every": 8, "report_every": 5})
     config = tmp_path / "trial.yaml"
     config.write_text(yaml.safe_dump(trial.to_dict()))
-    finals = []
-    for _ in range(2):  # the first run leaves its checkpoints in the folder; the second resumes at step 8
+    finals, reports, curves = [], [], []
+    for i in range(2):  # the first run leaves its checkpoints in the folder; the second resumes at step 8
+        store = Store.open(str(tmp_path / f"store{i}"))
         run = subprocess.run(
-            [str(BIN / "python"), "-m", "tokenscale.workers", str(config), "--checkpoint-dir", str(tmp_path / "ckpt")],
+            [str(BIN / "python"), "-m", "tokenscale.workers", str(config), "--checkpoint-dir", str(tmp_path / "ckpt"),
+             "--store", store.uri],
             capture_output=True, text=True, timeout=180, env=_env(), cwd=tmp_path,
         )
         assert run.returncode == 0, run.stderr[-3000:]
         finals.append(final_metrics(run.stderr))
+        reports.append(_progress_reports(run.stderr))
+        curves.append(store.read_curves("cli").to_pylist())
+        curve_file, result_file = (Path(store.curve_key("cli", "quecc", trial.config_hash)),
+                                   Path(store.result_key("cli", "quecc", trial.config_hash)))
+        assert curve_file.stat().st_mtime_ns <= result_file.stat().st_mtime_ns, "the curve before the result"
     unbroken, resumed = finals
     assert (unbroken["resumed_from_stage"], resumed["resumed_from_stage"], resumed["resumed_from_step"]) == (0, 2, 8)
     for key in ("stage1_loss", "stage2_loss", "last_step_loss", "mean_score"):
         assert resumed[key] == pytest.approx(unbroken[key], rel=1e-6), key
+
+    # a point every 5 steps and at each stage's end; the unbroken run's reports are its curve
+    points = [(1, 2, 2), (2, 5, 12), (2, 10, 12), (2, 12, 12)]
+    assert [(r["stage"], r["step"], r["steps"]) for r in curves[0]] == points
+    assert [{k: r[k] for k in ("stage", "step", "steps", "loss", "elapsed_seconds")} for r in curves[0]] == reports[0]
+    assert set(reports[0][0]) == {"stage", "step", "steps", "loss", "elapsed_seconds"}
+    assert {(r["trial_id"], r["config_hash"], r["llm"], r["visual_tokens"], r["compressor"], r["seed"]) for r in curves[0]} == {
+        (trial.trial_id, trial.config_hash, "xs", 4, "quecc", 0)
+    }
+    # resumed at step 8: it reported only the points after it, and stored the whole curve
+    assert [(r["stage"], r["step"]) for r in reports[1]] == [(2, 10), (2, 12)]
+    assert [(r["stage"], r["step"], r["steps"]) for r in curves[1]] == points
+    assert curves[1][:2] == curves[0][:2], "carried in the checkpoint as reported"
+    for got, expected in zip(curves[1][2:], curves[0][2:], strict=True):
+        assert got["loss"] == pytest.approx(expected["loss"], rel=1e-6), got["step"]
 
 
 def test_a_pretrained_tower_is_built_once_and_cached(tmp_path):

@@ -183,6 +183,11 @@ class TrainSpec(Model):
     checkpoint_every: StrictInt = Field(
         0, ge=0, description="optimizer steps between checkpoints in both stages (0: only at the end of stage 1)",
     )
+    report_every: StrictInt = Field(
+        10, ge=0,
+        description="optimizer steps between progress reports (stage, step, loss: the trial's training curve, stored "
+        "beside its result, and what `tokenscale status` shows of a running trial); 0: none",
+    )
     gradient_checkpointing: StrictBool = Field(False, description="recompute the LM's activations in backward")
     attention: Literal["sdpa", "eager"] = Field("sdpa", description="the LM's attention kernel")
     keep_final: StrictBool = Field(
@@ -389,7 +394,7 @@ class TrialConfig(Model):
             del raw["llm"]["params"]
         raw["llm"].pop("holdout", None)  # how the result is used, not what it is
         # how a trial is run, not what it computes
-        for key in ("checkpoint_every", "gradient_checkpointing", "zero_stage", "global_batch", "keep_final"):
+        for key in ("checkpoint_every", "report_every", "gradient_checkpointing", "zero_stage", "global_batch", "keep_final"):
             raw["train"].pop(key, None)
         canonical = json.dumps(raw, sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]

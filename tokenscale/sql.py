@@ -1,4 +1,4 @@
-"""DuckDB over the store: views `results`, `laws`, `draws` and `heldout`, local or s3:// (httpfs, offline)."""
+"""DuckDB over the store: views `results`, `laws`, `draws`, `heldout` and `curves`, local or s3:// (httpfs, offline)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from urllib.parse import urlparse
 import duckdb
 
 from .store import (
+    CURVE_COLUMNS,
     DRAW_COLUMNS,
     HELDOUT_COLUMNS,
     LAW_COLUMNS,
@@ -88,9 +89,10 @@ def store_fault(store: Store, err: duckdb.Error) -> StoreError | None:
 
 def connect(store: Store) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB with views over the store's parquet: `results` (one row per
-    trial x benchmark), `laws` (one per fitted law) and `draws` (each law's bootstrap
-    parameter draws, one row per resample). StoreError when the store cannot be listed
-    or its objects read."""
+    trial x benchmark), `laws` (one per fitted law), `draws` (each law's bootstrap
+    parameter draws, one row per resample), `heldout` (held-out LLMs against the laws) and
+    `curves` (each trial's training loss, one row per progress report). StoreError when
+    the store cannot be listed or its objects read."""
     con = duckdb.connect(":memory:")
     try:
         _views(con, store)
@@ -113,6 +115,7 @@ def _views(con: duckdb.DuckDBPyConnection, store: Store) -> None:
         ("laws", store.laws_glob(), LAW_COLUMNS, lambda key: key.endswith("/laws/laws.parquet")),
         ("draws", store.draws_glob(), DRAW_COLUMNS, lambda key: key.endswith("/laws/draws.parquet")),
         ("heldout", store.heldout_glob(), HELDOUT_COLUMNS, lambda key: key.endswith("/laws/heldout.parquet")),
+        ("curves", store.curves_glob(), CURVE_COLUMNS, lambda key: "/curves/" in key),
     ):
         if any(present(key) for key in keys):
             # Columns live in the files; hive_partitioning off so the path's grid= and

@@ -7,6 +7,8 @@ the column set are defined once:
     <store>/<grid>/results/grid=<grid>/compressor=<c>/<config_hash>.parquet   one per trial
     <store>/<grid>/results/grid=<grid>/compressor=<c>/<config_hash>.eval-<set>.parquet
                                                            one per kept trial and later eval set
+    <store>/<grid>/curves/grid=<grid>/compressor=<c>/<config_hash>.parquet    one per trial: its
+                                                           training curve (before its result)
     <store>/<grid>/weights/compressor=<c>/<config_hash>.pt                      train.keep_final
     <store>/features/<key>/shard-<k>.npy       a frozen tower's LLaVA features (workers/llava_data.py)
     <store>/<grid>/laws/laws.parquet                                            one per fit
@@ -204,17 +206,37 @@ HELDOUT_COLUMNS: tuple[tuple[str, str], ...] = (
     ("fitted_at", "timestamp[us, tz=UTC]"),
 )
 
+# One row per (trial, progress report): the trial's training loss every
+# `train.report_every` optimizer steps (the mean of the step losses since the point
+# before, over all workers), written by the trial just before its result. `steps` is the
+# stage's total optimizer steps, `elapsed_seconds` the wall time since the attempt that
+# ran the step started (a resumed trial's earlier points keep their attempt's times).
+CURVE_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("grid", "string"),
+    ("trial_id", "string"),
+    ("config_hash", "string"),
+    ("llm", "string"),
+    ("visual_tokens", "int64"),
+    ("compressor", "string"),
+    ("seed", "int64"),
+    ("stage", "int64"),
+    ("step", "int64"),
+    ("steps", "int64"),
+    ("loss", "double"),
+    ("elapsed_seconds", "double"),
+)
+
 # Each record kind's columns as (name, Arrow type) above, its pyarrow schema
-# (`RESULT_SCHEMA`, `LAW_SCHEMA`, `DRAW_SCHEMA`) built on first use: pyarrow (and
+# (`RESULT_SCHEMA`, `LAW_SCHEMA`, `DRAW_SCHEMA`, `CURVE_SCHEMA`) built on first use: pyarrow (and
 # numpy under it, ~0.1 s) is imported only where a table is built or read, so the CLI's
 # light commands (`sql`, `status`, `plan`) start without it.
 _COLUMNS = {"RESULT_SCHEMA": RESULT_COLUMNS, "LAW_SCHEMA": LAW_COLUMNS, "DRAW_SCHEMA": DRAW_COLUMNS,
-            "HELDOUT_SCHEMA": HELDOUT_COLUMNS}
+            "HELDOUT_SCHEMA": HELDOUT_COLUMNS, "CURVE_SCHEMA": CURVE_COLUMNS}
 
 
 @functools.cache
 def arrow_schema(name: str) -> pa.Schema:
-    """The pyarrow schema RESULT_SCHEMA, LAW_SCHEMA, DRAW_SCHEMA by name."""
+    """The pyarrow schema RESULT_SCHEMA, LAW_SCHEMA, DRAW_SCHEMA, HELDOUT_SCHEMA, CURVE_SCHEMA by name."""
     import pyarrow as pa
 
     types = {"string": pa.string(), "int64": pa.int64(), "double": pa.float64(),
@@ -334,6 +356,14 @@ class Store:
         """The rows of an eval set scored after the trial (`tokenscale eval`): an object of
         their own, beside the trial's, written once."""
         return self.join(grid, "results", f"grid={grid}", f"compressor={compressor}", f"{config_hash}.eval-{eval_set}.parquet")
+
+    def curve_key(self, grid: str, compressor: str, config_hash: str) -> str:
+        """A trial's training curve: beside its results, not under results/ (whose glob
+        reads every parquet object there as result rows)."""
+        return self.join(grid, "curves", f"grid={grid}", f"compressor={compressor}", f"{config_hash}.parquet")
+
+    def curves_glob(self, grid: str | None = None) -> str:
+        return self.join(grid or "*", "curves", "**", "*.parquet")
 
     def weights_key(self, grid: str, compressor: str, config_hash: str) -> str:
         return self.join(grid, "weights", f"compressor={compressor}", f"{config_hash}.pt")
@@ -500,7 +530,7 @@ class Store:
         except (pa.ArrowException, OSError) as err:
             raise self.error(f"read {key} as parquet", err) from None
 
-    # ---- the two record kinds ---------------------------------------------------------
+    # ---- the record kinds ---------------------------------------------------------
     def write_results(self, grid: str, compressor: str, config_hash: str, rows: list[dict]) -> str:
         if not rows:
             raise ValueError("a finished trial must write at least one result row")
@@ -517,6 +547,22 @@ class Store:
         keys = self.list(self.join(grid, "results"), ".parquet")
         tables = [conform(self.read_table(k), arrow_schema("RESULT_SCHEMA")) for k in keys]
         return pa.concat_tables(tables) if tables else arrow_schema("RESULT_SCHEMA").empty_table()
+
+    def write_curve(self, grid: str, compressor: str, config_hash: str, rows: list[dict]) -> str:
+        """A trial's curve (CURVE_SCHEMA rows), one object keyed by its config hash: write it
+        before the trial's result (the result is the commit marker); a retried trial
+        overwrites it."""
+        key = self.curve_key(grid, compressor, config_hash)
+        self.write_table(key, rows, arrow_schema("CURVE_SCHEMA"))
+        return key
+
+    def read_curves(self, grid: str) -> pa.Table:
+        """Every stored curve of `grid` (CURVE_SCHEMA); empty when it has none."""
+        import pyarrow as pa
+
+        keys = self.list(self.join(grid, "curves"), ".parquet")
+        tables = [conform(self.read_table(k), arrow_schema("CURVE_SCHEMA")) for k in keys]
+        return pa.concat_tables(tables) if tables else arrow_schema("CURVE_SCHEMA").empty_table()
 
     def write_laws(self, grid: str, rows: list[dict]) -> str:
         key = self.laws_key(grid)

@@ -346,6 +346,10 @@ class Progress:
     stage1_loss: float = float("nan")
     tag: str = ""  # DeepSpeed's checkpoint tag
     recent_losses: list[float] = dataclasses.field(default_factory=list)  # the stage's last 10 step losses
+    # the training curve so far (Curve.points) and the step losses since its last point,
+    # so that a resumed trial stores every point of its curve exactly once
+    curve: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    pending_losses: list[float] = dataclasses.field(default_factory=list)
 
     @classmethod
     def read(cls, checkpoint_dir: str | None) -> Progress | None:
@@ -353,6 +357,37 @@ class Progress:
             return None
         with open(os.path.join(checkpoint_dir, STATE_FILE)) as f:
             return cls(**json.load(f))
+
+
+class Curve:
+    """The trial's training curve: a point every `train.report_every` optimizer steps of a
+    stage and at the stage's last step, each the mean of the step losses since the point
+    before (every step's loss is already the mean over the workers, so every rank holds the
+    same curve). The points are the progress reports (CURVE_COLUMNS' stage, step, steps,
+    loss, elapsed_seconds); `elapsed_seconds` counts from `started` (time.perf_counter()
+    when this attempt began), and a resumed trial's earlier points, carried in its
+    checkpoint, keep their own attempt's times."""
+
+    def __init__(self, every: int, started: float, resumed: Progress | None = None):
+        self.every, self.started = every, started
+        self.points: list[dict[str, Any]] = list(resumed.curve) if resumed else []
+        self.pending: list[float] = list(resumed.pending_losses) if resumed else []
+
+    def step(self, stage: Stage, step: int, loss: float) -> dict[str, Any] | None:
+        """Record the loss of the stage's optimizer step `step` (counted from 1); the new
+        point when one is due, else None."""
+        if not self.every:
+            return None
+        self.pending.append(loss)
+        if step % self.every and step < stage.steps:
+            return None
+        point = {
+            "stage": stage.number, "step": step, "steps": stage.steps, "loss": float(np.mean(self.pending)),
+            "elapsed_seconds": time.perf_counter() - self.started,
+        }
+        self.points.append(point)
+        self.pending = []
+        return point
 
 
 Checkpoint = Callable[[Any, Progress], None]
@@ -373,11 +408,13 @@ def run_stage(
     dtype: torch.dtype,
     checkpoint: Callable[[int, list[float]], None] | None,
     previous_losses: list[float] | None = None,
+    progress: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """Optimizer steps `start_step`..`stage.steps` of one stage; returns each step's loss
     (the mean over all workers), after `previous_losses` (a resumed stage's last ones). Each step's global batch mixes benchmarks; this worker
     runs its share as `stage.accumulation` micro-batches (DeepSpeed steps the optimizer at
-    the last). `checkpoint(step, loss)` runs after every `train.checkpoint_every` steps."""
+    the last). `progress(step, loss)` runs after every step (counted from 1), then
+    `checkpoint(step, loss)` after every `train.checkpoint_every` steps."""
     every = trial.train.checkpoint_every
     losses: list[float] = list(previous_losses or [])
     batches = MicroBatches(source, trial, stage, rank, world_size, start_step)
@@ -389,6 +426,8 @@ def run_stage(
         for _ in range(stage.accumulation):
             micro_losses.append(stage_step(engine, _tensors(next(stream), device, dtype)).item())
         losses.append(_mean_over_workers(float(np.mean(micro_losses)), world_size, device))
+        if progress is not None:
+            progress(step + 1, losses[-1])
         if checkpoint is not None and every and (step + 1) % every == 0 and step + 1 < stage.steps:
             checkpoint(step + 1, losses[-10:])
     return losses
@@ -600,6 +639,19 @@ def result_rows(
     ]
 
 
+def curve_rows(trial: TrialConfig, points: list[dict[str, Any]], *, config_hash: str) -> list[dict[str, Any]]:
+    """The trial's curve (Curve.points) as CURVE_SCHEMA rows (tokenscale.store.CURVE_COLUMNS)."""
+    return [
+        {
+            "grid": trial.grid, "trial_id": trial.trial_id, "config_hash": config_hash, "llm": trial.llm.name,
+            "visual_tokens": trial.visual_tokens, "compressor": trial.compressor, "seed": trial.seed,
+            "stage": int(p["stage"]), "step": int(p["step"]), "steps": int(p["steps"]), "loss": float(p["loss"]),
+            "elapsed_seconds": float(p["elapsed_seconds"]),
+        }
+        for p in points
+    ]
+
+
 def _build_model(trial: TrialConfig, device: torch.device, dtype: torch.dtype) -> VLM:
     """The VLM in the compute dtype (a bf16 checkpoint LM never sits in fp32 on the GPU),
     with the LM's attention kernel and gradient checkpointing as the trial asks; seeded, so
@@ -622,8 +674,10 @@ def train_and_evaluate(
     *,
     config_hash: str | None = None,
     store: str | None = None,
+    report: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Both stages then eval; returns metrics (with the result `rows` on rank 0).
+    """Both stages then eval; returns metrics (with the result `rows` and the training
+    `curve`, Curve.points, on rank 0).
 
     With LLaVA data and a frozen tower, the sets' patch features are computed once into
     shards under `<store>/features/` (the local cache without a store) and read from there.
@@ -631,7 +685,9 @@ def train_and_evaluate(
     `checkpoint_dir` (a retried trial's last checkpoint) resumes where it was taken: in
     stage 1 or 2, at its optimizer step, with its optimizer, schedule and RNG state; the
     data stream is a function of the step. `checkpoint(engine, progress)` is called at the
-    end of stage 1 and every `train.checkpoint_every` steps of both stages."""
+    end of stage 1 and every `train.checkpoint_every` steps of both stages; `report(point)`
+    (every rank) at each point of the curve, every `train.report_every` steps."""
+    attempt_started = time.perf_counter()
     device = _device()
     use_bf16, dtype = _precision(trial, device)
     train_splits, eval_splits = load_splits(trial)
@@ -646,6 +702,7 @@ def train_and_evaluate(
     sources = stage_sources(trial, train_splits)
 
     resumed = Progress.read(checkpoint_dir)
+    curve = Curve(trial.train.report_every, attempt_started, resumed)
     first_stage = resumed.stage if resumed else 1
     started = time.perf_counter()
     losses = {1: resumed.stage1_loss if resumed else float("nan"), 2: float("nan")}
@@ -675,12 +732,21 @@ def train_and_evaluate(
         def save(step: int, recent: list[float], engine=engine, number=number) -> None:
             if checkpoint is not None:
                 stage1_loss = losses[1] if number == 2 else _tail_mean(recent)
-                checkpoint(engine, Progress(number, step, stage1_loss, f"stage{number}-step{step}", list(recent)))
+                checkpoint(engine, Progress(
+                    number, step, stage1_loss, f"stage{number}-step{step}", list(recent),
+                    curve=list(curve.points), pending_losses=list(curve.pending),
+                ))
+
+        def progress(step: int, loss: float, stage=stage) -> None:
+            point = curve.step(stage, step, loss)
+            if point is not None and report is not None:
+                report(dict(point))
 
         resumed_here = resumed is not None and resumed.stage == number
         step_losses = run_stage(
             engine, trial, stage, sources[number], rank=rank, world_size=world_size, start_step=start_step,
             device=device, dtype=dtype, checkpoint=save, previous_losses=resumed.recent_losses if resumed_here else None,
+            progress=progress,
         )
         last_loss = step_losses[-1] if step_losses else last_loss
         # a checkpoint taken at stage 1's end resumes with nothing left of it to run
@@ -688,7 +754,10 @@ def train_and_evaluate(
         losses[number] = resumed.stage1_loss if stage1_was_done else _tail_mean(step_losses)
         if number == 1:
             if checkpoint is not None and not stage1_was_done:
-                checkpoint(engine, Progress(1, stage.steps, losses[1], f"stage1-step{stage.steps}", step_losses[-10:]))
+                checkpoint(engine, Progress(
+                    1, stage.steps, losses[1], f"stage1-step{stage.steps}", step_losses[-10:],
+                    curve=list(curve.points), pending_losses=list(curve.pending),
+                ))
             carried = _trainable_state(engine, stage.zero_stage)
             release(engine)
             engine = None
@@ -713,6 +782,7 @@ def train_and_evaluate(
             train_seconds=train_seconds, eval_seconds=eval_seconds,
         )
         metrics["mean_score"] = float(np.mean([s.score for s in scores]))
+        metrics["curve"] = list(curve.points)
     if trial.train.keep_final:  # every rank: ZeRO-3 gathers the shards
         final = _trainable_state(engine, trial.train.zero_stage_of(2)) if engine is not None else {
             n: p.detach().float().cpu().clone() for n, p in model.named_parameters() if p.requires_grad
@@ -817,7 +887,10 @@ Report = Callable[..., None]
 """`report(metrics, checkpoint_dir=None)`: progress and the final metrics of one worker,
 with a local directory holding this rank's part of a checkpoint. Every rank reports the
 same number of times; the launcher merges the ranks' directories into one checkpoint
-(Ray Train does) and keeps the last two."""
+(Ray Train does) and keeps the last two. Three kinds: a curve point every
+`train.report_every` steps ({stage, step, steps, loss, elapsed_seconds}: Curve), a
+checkpoint ({stage, step, checkpoint} with the directory), the final metrics (with
+`train_seconds`)."""
 
 
 def train_loop_per_worker(
@@ -841,8 +914,9 @@ def train_loop_per_worker(
     each rank its shard), the RNG state, and `state.json` (stage, step, loss). Frozen
     weights (the LM in stage 1, the vision tower) are rebuilt, not saved.
     `latest_checkpoint()` hands the last one back to a retried trial, which resumes there.
-    Rank 0 writes the trial's rows to `store`: one object, one PUT, keyed by `config_hash`
-    (default: the trial's own). Returns the rows on rank 0, None elsewhere."""
+    Rank 0 writes the trial's curve, then its rows to `store`: one object each, one PUT,
+    keyed by `config_hash` (default: the trial's own); the rows last, as the commit marker.
+    Returns the rows on rank 0, None elsewhere."""
     from tokenscale.store import Store
 
     check_world(trial, world_size)
@@ -863,12 +937,16 @@ def train_loop_per_worker(
             report({"stage": progress.stage, "step": progress.step, "checkpoint": progress.tag}, tmp)
 
     metrics = train_and_evaluate(
-        trial, rank, world_size, latest_checkpoint(), checkpoint, config_hash=config_hash, store=store,
+        trial, rank, world_size, latest_checkpoint(), checkpoint, config_hash=config_hash, store=store, report=report,
     )
     rows = metrics.pop("rows", None)
     weights = metrics.pop("final_weights", None)
+    points = metrics.pop("curve", None)
     if rank == 0 and store is not None:
         target = Store.open(store)
+        # before the result (the commit marker): a trial with a result has its curve; a
+        # retried trial overwrites its own (the whole curve: a resumed one carried its points)
+        target.write_curve(trial.grid, trial.compressor, config_hash, curve_rows(trial, points or [], config_hash=config_hash))
         if weights is not None:  # before the result: a trial with a result has its weights
             target.put_bytes(target.weights_key(trial.grid, trial.compressor, config_hash), weights)
         target.write_results(trial.grid, trial.compressor, config_hash, rows)
