@@ -9,6 +9,7 @@ real Tune experiment and checks the reading against Ray's own ExperimentAnalysis
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -163,12 +164,82 @@ def test_status_command_output(tmp_path):
     rows = json.loads(out.stdout)
     assert [r["trial"] for r in rows] == [t.trial_id for t in grid.trials()]
     assert {t.config_hash: (r["status"], r["error"]) for t, r in zip(grid.trials(), rows, strict=True)} == expected
-    assert set(rows[0]) == {"trial", "llm", "V", "compressor", "seed", "status", "error"}
+    assert set(rows[0]) == {"trial", "llm", "V", "compressor", "seed", "status", "progress", "eta", "error",
+                            "stage", "step", "steps", "eta_seconds"}
+    running = {r["status"]: r for r in rows}["running"]  # no result.json: no report seen yet
+    assert (running["progress"], running["eta"], running["step"]) == ("?", "?", None)
+    assert {r["status"]: r for r in rows}["done"]["progress"] == ""
     table = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert table.returncode == 0, table.stderr
     assert table.stdout.strip().splitlines()[-1] == "1 done, 1 running, 2 errored, 2 pending"
+    assert table.stdout.splitlines()[0].split() == ["trial", "llm", "V", "compressor", "seed", "status", "progress", "eta", "error"]
     missing = subprocess.run([*cmd[:3], "status", "never-run", "--store", store.uri], capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "never run" in missing.stderr and len(missing.stderr.strip().splitlines()) == 1
+
+
+def progress_lines(*reports: tuple, **extra) -> str:
+    """result.json lines as Tune writes them: each report's metrics + Tune's own keys.
+    A report: (stage, step, elapsed_seconds), or (stage, step, "checkpoint")."""
+    lines = []
+    for i, (stage, step, elapsed) in enumerate(reports):
+        if elapsed == "checkpoint":
+            metrics = {"stage": stage, "step": step, "checkpoint": f"stage{stage}-step{step}"}
+        else:
+            metrics = {"stage": stage, "step": step, "steps": 30 if stage == 1 else 150, "loss": 1.0 / (1 + step),
+                       "elapsed_seconds": float(elapsed)}
+        lines.append(json.dumps({**metrics, "training_iteration": i + 1, "time_this_iter_s": 1.0,
+                                 "config": {"point": {"trial": {}}}, **extra}))
+    return "\n".join(lines) + "\n"
+
+
+def test_status_shows_a_running_trials_stage_step_and_eta(tmp_path):
+    """Running trials: stage and step / steps from the last progress report in their
+    result.json (Tune's, under the experiment directory), the ETA from the recent step rate
+    of the latest attempt and the steps left (this stage's, then stage 2's from the grid)."""
+    import time
+
+    from tokenscale.orchestrator.status import eta_seconds, format_duration
+
+    store = Store.open(str(tmp_path / "store"))
+    grid = save_grid_yaml(store, tiny_grid("progress", llms=1, visual_tokens=(1, 4, 16),
+                                           train={"micro_batch": 8, "stage1_steps": 30, "stage2_steps": 150}))
+    retried, stage1, first = grid.trials()
+    tune_dir = write_local_tune_dir(store, grid, [(t, "RUNNING", None) for t in grid.trials()])
+    for t in grid.trials():
+        (tune_dir / t.trial_id).mkdir()
+    stamp = int(time.time()) - 60  # Tune's `timestamp` of the last report: a minute ago
+    # a retried trial: attempt 1 reached stage 2 step 10; attempt 2 (resumed at stage 1's end,
+    # its clock from 0 again) runs stage 2 at 0.5 steps/s
+    (tune_dir / retried.trial_id / "result.json").write_text(
+        progress_lines((1, 10, 10), (1, 20, 20), (1, 30, 30), (1, 30, "checkpoint"), (2, 10, 35))
+        + progress_lines((2, 10, 20), (2, 20, 40), (2, 30, 60), timestamp=stamp)
+    )
+    # in stage 1 at 1 step/s: 10 steps of it and stage 2's 150 left
+    (tune_dir / stage1.trial_id / "result.json").write_text(progress_lines((1, 10, 12), (1, 20, 22)))
+    # no result.json yet; the state file's last_result is a progress report: stage and step, no rate
+    newest = sorted(tune_dir.glob("experiment_state-*.json"))[-1]
+    state = json.loads(newest.read_text())
+    for pair in state["trial_data"]:
+        if json.loads(pair[0])["custom_trial_name"] == first.trial_id:
+            metadata = json.loads(pair[1])
+            metadata["last_result"] = {"stage": 1, "step": 10, "steps": 30, "loss": 0.5, "elapsed_seconds": 9.0}
+            pair[1] = json.dumps(metadata)
+    newest.write_text(json.dumps(state))
+
+    rows = {r.name: r for r in grid_status(store, grid.name)}
+    got = rows[retried.trial_id]
+    assert (got.status, got.progress, got.stage, got.step, got.steps) == ("running", "stage 2 30/150", 2, 30, 150)
+    assert got.eta_seconds == pytest.approx(120 / 0.5 - 60, abs=2)  # less the minute since that report
+    got = rows[stage1.trial_id]
+    assert (got.progress, got.eta_seconds, got.eta) == ("stage 1 20/30", pytest.approx(160.0), "2m40s")
+    got = rows[first.trial_id]
+    assert (got.progress, got.eta, got.eta_seconds) == ("stage 1 10/30", "?", None)
+
+    # the rate is the latest attempt's (attempt 1's stage-2 report is not in it), within its stage
+    reports = [json.loads(line) for line in progress_lines((1, 30, 30), (2, 10, 35), (2, 10, 20), (2, 20, 40)).splitlines()]
+    assert eta_seconds(reports, retried) == pytest.approx(130 / 0.5)
+    assert eta_seconds(reports[:3], retried) is None  # one report of the latest attempt: no rate
+    assert [format_duration(s) for s in (None, 45, 100, 7500, 90000)] == ["?", "45s", "1m40s", "2h05m", "1d01h"]
 
 
 def test_status_reads_s3_tune_state(s3_endpoint):
@@ -182,14 +253,24 @@ def test_status_reads_s3_tune_state(s3_endpoint):
         client.put_object(Bucket="tokenscale", Key=f"statusprefix/{grid.name}/{TUNE_NAME}/{rel}", Body=text.encode())
 
     write_tune_dir(write, entries)
-    check(grid_status(store, grid.name), grid, expected)
+    running = entries[1][0]
+    write(f"{running.trial_id}/result.json", progress_lines((1, 1, 1.0), (1, 2, 3.0)))  # a ranged read on S3
+    rows = grid_status(store, grid.name)
+    check(rows, grid, expected)
+    got = next(r for r in rows if r.name == running.trial_id)
+    assert (got.progress, got.eta_seconds) == ("stage 1 2/30", pytest.approx(2.0 * (28 + 4)))
 
 
 @pytest.mark.slow
 def test_status_matches_ray_experiment_analysis(tmp_path):
     """A real Tune experiment (Ray 2.60's files): one trial reports, one raises, one
     reports but writes no result, one never runs. Status reads them as Ray's own
-    ExperimentAnalysis does, and says done / errored / pending accordingly."""
+    ExperimentAnalysis does, and says done / errored / pending accordingly. While the third
+    runs, status shows the stage and step of its last progress report (Tune uploads the
+    trial's result.json with its experiment state, every 10 s)."""
+    import threading
+    import time
+
     import ray
     from ray import tune
 
@@ -200,15 +281,35 @@ def test_status_matches_ray_experiment_analysis(tmp_path):
     write_result(store, done)
     message = "could not write the result after 4 attempts"
 
+    seen_running = tmp_path / "seen-running"
+    running_rows: list = []
+
     def trainable(config):
         if config["point"]["config_hash"] == bad.config_hash:
             raise RuntimeError(f"first line\n{message}")
+        if config["point"]["config_hash"] == no_result.config_hash:
+            for step in (1, 2):  # progress reports as workers/train.py's Curve makes them
+                tune.report({"stage": 2, "step": step, "steps": 4, "loss": 1.0, "elapsed_seconds": float(step)})
+            deadline = time.time() + 60
+            while not os.path.exists(seen_running) and time.time() < deadline:  # until status has seen it
+                time.sleep(0.2)
         tune.report({"mean_score": 1.0})
+
+    def watch() -> None:
+        deadline = time.time() + 60
+        while time.time() < deadline and not running_rows:
+            row = {r.name: r for r in grid_status(store, grid.name)}[no_result.trial_id]
+            if row.status == "running" and row.progress == "stage 2 2/4":
+                running_rows.append(row)
+            time.sleep(0.5)
+        seen_running.write_text("")
 
     def name(trial):  # as the driver names them
         return trial.config["point"]["trial_id"]
 
     ray.init(num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
     try:
         tune.Tuner(
             trainable,
@@ -223,6 +324,9 @@ def test_status_matches_ray_experiment_analysis(tmp_path):
         by_ray = {t.config["point"]["config_hash"]: (t.status, t.get_error()) for t in analysis.trials}
     finally:
         ray.shutdown()
+    watcher.join(timeout=5)
+    assert running_rows, "status never showed the running trial's progress"
+    assert running_rows[0].eta_seconds is not None and running_rows[0].eta_seconds <= 2.0  # 2 steps left at 1 step/s
     assert by_ray[bad.config_hash][0] == "ERROR" and by_ray[done.config_hash][0] == "TERMINATED"
     ray_error = [line.strip() for line in by_ray[bad.config_hash][1].splitlines() if line.strip()][-1]
     assert ray_error == message

@@ -186,8 +186,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     from tokenscale.orchestrator.status import grid_status  # Ray-free: reads Tune's state files
 
     rows = grid_status(_store(args), _grid_name(args.grid))
-    columns = ["trial", "llm", "V", "compressor", "seed", "status", "error"]
-    _print_table(columns, [(r.name, r.llm, r.visual_tokens, r.compressor, r.seed, r.status, r.error) for r in rows], args.format)
+    # progress / eta: a running trial's "stage 2 120/150" and time left ("?" when unknown);
+    # json also gives them as numbers
+    columns = ["trial", "llm", "V", "compressor", "seed", "status", "progress", "eta", "error"]
+    table = [(r.name, r.llm, r.visual_tokens, r.compressor, r.seed, r.status, r.progress, r.eta, r.error) for r in rows]
+    if args.format == "json":
+        columns += ["stage", "step", "steps", "eta_seconds"]
+        table = [(*line, r.stage, r.step, r.steps, r.eta_seconds) for line, r in zip(table, rows, strict=True)]
+    _print_table(columns, table, args.format)
     counts = {s: sum(r.status == s for r in rows) for s in ("done", "running", "errored", "pending")}
     if args.format == "table":
         print(", ".join(f"{n} {s}" for s, n in counts.items()))
