@@ -118,12 +118,21 @@ def test_killed_train_worker_resumes_at_its_checkpoint_step(tmp_path, execution,
     # bit for bit (as observed); rel 1e-6 leaves room for last-bit noise only, and the
     # scores (counts of exact answers) must be equal.
     if trial.config_hash not in _REFERENCE:
-        _REFERENCE[trial.config_hash] = train_in_process(trial)
-    expected, expected_rows = _REFERENCE[trial.config_hash]
+        reference = Store.open(str(tmp_path / "reference"))
+        _REFERENCE[trial.config_hash] = (*train_in_process(trial, store=reference.uri),
+                                         reference.read_curves("killworker").to_pylist())
+    expected, expected_rows, expected_curve = _REFERENCE[trial.config_hash]
     for key in ("stage2_loss", "last_step_loss", "mean_score"):
         assert metrics[key] == pytest.approx(expected[key], rel=1e-6, abs=1e-12), key
     stored = store.read_results("killworker").to_pylist()
     assert sorted((r["benchmark"], r["score"]) for r in stored) == sorted((r["benchmark"], r["score"]) for r in expected_rows)
+    # the training curve: every point once (those up to step 800 carried in its checkpoint,
+    # the killed attempt's later ones reported again by the retry), as the unbroken run's
+    curve = store.read_curves("killworker").to_pylist()
+    steps = [(1, 2)] + [(2, step) for step in range(10, 3 * every + 1, 10)]  # train.report_every: 10
+    assert [(r["stage"], r["step"]) for r in curve] == [(r["stage"], r["step"]) for r in expected_curve] == steps
+    for got, want in zip(curve, expected_curve, strict=True):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-6, abs=1e-12), (got["stage"], got["step"])
 
 
 def test_driver_killed_then_resume_runs_only_missing_trials(s3_endpoint, tmp_path):
