@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import ray
 import requests
-from conftest import free_port, tiny_grid
+from conftest import ChartCounter, free_port, png_size, render_page, tiny_grid
 
 from tokenscale.config import parse_grid
 from tokenscale.fitting.grid_fit import fit_grid
@@ -31,7 +31,9 @@ def local_ray(tmp_path):
 
 
 def test_grid_to_s3_to_duckdb_to_fit_to_serve(s3_endpoint, local_ray, tmp_path):
-    grid = parse_grid(tiny_grid("e2e", llms=3, visual_tokens=(1, 16)))
+    spec = tiny_grid("e2e", llms=3, visual_tokens=(1, 16))
+    spec["train"]["report_every"] = 1  # every step on the loss curve: stage 1's 2 and stage 2's 4
+    grid = parse_grid(spec)
     store = Store.open("s3://tokenscale/e2e-store")
 
     # Ray's experiment state goes beside the results, on S3 too
@@ -61,10 +63,28 @@ def test_grid_to_s3_to_duckdb_to_fit_to_serve(s3_endpoint, local_ray, tmp_path):
     _, rows = query(store, "select count(*) from laws where grid = 'e2e' and form = 'product'")
     assert rows[0][0] == 2
 
+    from tokenscale.orchestrator.status import grid_status
     from tokenscale.serve.app import start
 
-    url = start(store.uri, "e2e", "127.0.0.1", free_port(), reload_seconds=1.0)
+    url = start(store.uri, "e2e", "127.0.0.1", free_port(), reload_seconds=1.0, trial_status=grid_status)
     assert requests.get(f"{url}/healthz", timeout=30).json()["grid"] == "e2e"
+
+    # the report page of these real trials, over HTTP, in headless Chromium: Figure 1 per
+    # family with a series per LLM and the frontier, alpha-beta, every trial's loss curve
+    page = requests.get(f"{url}/", timeout=60)
+    assert page.status_code == 200, page.text[:500]
+    (tmp_path / "report.html").write_text(page.text)
+    rendered = render_page(tmp_path / "report.html", tmp_path)
+    assert rendered.console == [], rendered.console
+    charts = ChartCounter(rendered.dom).series
+    assert {k: v for k, v in charts.items() if k.startswith("fig1-")} == {
+        f"fig1-{family}-q{q}": 3 + 1 for family in ("ocr", "reasoning") for q in (0, 50)}
+    assert charts["alpha-beta"] == 1 + 1
+    assert sorted(v for k, v in charts.items() if k.startswith("curve-")) == [2] * 6
+    assert rendered.dom.count('class="status done"') == 6
+    assert png_size(rendered.screenshot) == (1280, 2400) and rendered.screenshot.stat().st_size > 50_000
+    _, rows = query(store, "select count(*), count(distinct config_hash) from curves")
+    assert rows[0] == (6 * (2 + 4), 6)
     _, rows = query(store, "select max(inference_flops) from results where task_family = 'reasoning'")
     answer = requests.get(f"{url}/optimal", params={"flops": rows[0][0] * 10, "text_tokens": 0, "task": "reasoning"}, timeout=30)
     assert answer.status_code == 200, answer.text
