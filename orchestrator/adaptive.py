@@ -22,7 +22,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from tokenscale.config import Grid, GridError, TrialConfig, planned_llm_params
+from tokenscale.config import Grid, GridError, TrialConfig, check_tracking, planned_llm_params
 from tokenscale.fitting.adaptive import Settings, initial_design, next_step
 from tokenscale.fitting.frontier import Candidate
 from tokenscale.store import Store
@@ -118,6 +118,7 @@ def run_adaptive_grid(grid: Grid, store: Store, *, max_trials: int | None = None
     from .driver import run_grid, save_grid
 
     settings = settings or Settings()
+    check_tracking(grid)  # before the marker and the first batch
     table = cells(grid)
     save_grid(grid, store)
     store.put_bytes(store.join(grid.name, MARKER), json.dumps({"max_trials": max_trials}).encode())

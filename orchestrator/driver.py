@@ -26,7 +26,7 @@ from ray import train, tune
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from tokenscale.config import Grid, TrialConfig, grid_to_dict
+from tokenscale.config import Grid, TrialConfig, check_tracking, grid_to_dict
 from tokenscale.store import Store
 
 from .status import GRID_FILE, TUNE_NAME, load_saved_grid, ray_storage
@@ -244,6 +244,44 @@ def trial_resources(config: dict[str, Any]) -> tune.PlacementGroupFactory:
     return tune.PlacementGroupFactory([worker_bundle(resources)])
 
 
+def tracking_callbacks(grid: Grid) -> list[Any]:
+    """Ray Tune's own logger callbacks for the grid's `tracking:` section, one run per trial
+    in each tracker. They run in the driver (W&B's in an actor on the driver's node) and see
+    what Tune sees: the trial's config (`point`: the TrialConfig, its hash and resources) and
+    its reports (progress, then the final metrics: mean_score, losses, timings). Secrets are
+    never passed: the trackers read them from the environment."""
+    callbacks: list[Any] = []
+    wandb = grid.tracking.wandb
+    if wandb is not None:
+        from ray.air.integrations.wandb import WandbLoggerCallback
+
+        init: dict[str, Any] = {}
+        if wandb.mode is not None:  # the grid's mode wins; Ray's API-key check reads WANDB_MODE
+            os.environ["WANDB_MODE"] = wandb.mode
+        mode = wandb.mode or os.environ.get("WANDB_MODE")
+        if mode:  # to wandb.init itself: the logging actor's environment may not be ours
+            init["mode"] = mode
+        if wandb.entity is not None:
+            init["entity"] = wandb.entity
+        if wandb.dir is not None:
+            # absolute: the logging actor works in the trial's folder
+            init["dir"] = os.path.abspath(os.path.expanduser(wandb.dir))
+            os.makedirs(init["dir"], exist_ok=True)
+        callbacks.append(WandbLoggerCallback(project=wandb.project, group=wandb.group or grid.name, **init))
+    mlflow = grid.tracking.mlflow
+    if mlflow is not None:
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+        if mlflow.scheme == "file":
+            # MLflow 3 refuses its folder store unless told; a file URI in the grid tells it
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        callbacks.append(MLflowLoggerCallback(
+            tracking_uri=mlflow.tracking_uri, experiment_name=mlflow.experiment_name or grid.name,
+            tags={"tokenscale.grid": grid.name},
+        ))
+    return callbacks
+
+
 def _tuner_args(grid: Grid, store: Store, ray_root: str, verbose: int) -> tuple[Any, Any]:
     # Tune's newer console output ignores custom reporters; ours shows llm / V / compressor.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -256,6 +294,7 @@ def _tuner_args(grid: Grid, store: Store, ray_root: str, verbose: int) -> tuple[
         checkpoint_config=tune.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
         verbose=verbose,
         progress_reporter=progress_reporter(),
+        callbacks=tracking_callbacks(grid),
     )
     return trainable, run_config
 
@@ -273,6 +312,7 @@ def run_grid(
     Ray's own experiment state (Tune's, for resume, and Train's checkpoints) goes to
     `ray_storage_uri`, by default `<store>/<grid>`, i.e. beside the results."""
     started = time.perf_counter()
+    check_tracking(grid)  # a tracker's missing package is told before anything starts
     ray_root = (ray_storage_uri or store.join(grid.name)).rstrip("/")
     trials = grid.trials()
     pending = [
@@ -314,6 +354,15 @@ def run_grid(
     return summary
 
 
+def _track_as_saved(tuner: Any, callbacks: list[Any]) -> None:
+    """A restored Tuner runs with the RunConfig pickled when the experiment began; its
+    trackers become the saved grid's (what `resume` reads), so a grid's `tracking:` edited
+    since, or an experiment begun before it had one, logs as the grid now says."""
+    local = getattr(tuner, "_local_tuner", None)  # Ray 2.60; a Ray Client tuner keeps the pickled ones
+    if local is not None:
+        local.get_run_config().callbacks = callbacks
+
+
 def _collect(results: Any, summary: GridSummary) -> None:
     summary.trial_metrics = [dict(r.metrics or {}) for r in results]
     summary.errored = sum(1 for r in results if r.error is not None)
@@ -332,6 +381,7 @@ def resume_grid(store: Store, name: str, verbose: int = 1, ray_storage_uri: str 
     the trials missing from the store."""
     started = time.perf_counter()
     grid = load_saved_grid(store, name)
+    check_tracking(grid)
     from .adaptive import run_adaptive_grid, saved_adaptive
 
     adaptive = saved_adaptive(store, grid.name)
@@ -351,8 +401,9 @@ def resume_grid(store: Store, name: str, verbose: int = 1, ray_storage_uri: str 
     summary = GridSummary(grid.name, len(trials), len(trials) - len(missing), 0, 0, 0.0, store.results_glob(grid.name))
     if missing:
         init_ray(spare_cpu=_uses_worker_groups(grid, missing))
-        trainable, _ = _tuner_args(grid, store, ray_root, verbose)
+        trainable, run_config = _tuner_args(grid, store, ray_root, verbose)
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs)
+        _track_as_saved(tuner, run_config.callbacks)
         summary.restored_from = f"{ray_root}/{TUNE_NAME}"
         _collect(tuner.fit(), summary)
         # cells the saved experiment never had (the grid grew: an LLM, a token budget or a

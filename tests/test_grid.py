@@ -273,3 +273,59 @@ def test_holdout_llms_are_validated_and_do_not_move_the_hash():
     raw["llms"][1]["holdout"] = True
     with pytest.raises(GridError, match=r"^llms: holdout leaves 1 LLM\(s\) to fit the law on \(xs\)"):
         parse_grid(raw)
+
+
+def test_tracking_is_validated_and_moves_no_hash(tmp_path):
+    """`tracking:` is how a grid is watched, not what its trials compute: no config hash
+    moves (stored results stay done), and every bad value is named by its field."""
+    tracking = {
+        "wandb": {"project": "p", "mode": "offline", "dir": str(tmp_path), "group": "g", "entity": "e"},
+        "mlflow": {"tracking_uri": "http://mlflow.internal:5000", "experiment_name": "x"},
+    }
+    plain, tracked = parse_grid(tiny_grid()), parse_grid(tiny_grid(tracking=tracking))
+    assert [t.config_hash for t in tracked.trials()] == [t.config_hash for t in plain.trials()]
+    assert parse_grid(grid_to_dict(tracked)) == tracked and tracked.tracking.wandb.mode == "offline"
+    assert parse_grid(tiny_grid(tracking={"mlflow": {"tracking_uri": "file:///tmp/mlruns"}})).tracking.wandb is None
+    for change, message in [
+        ({"wandb": {"mode": "online"}}, "tracking.wandb.project: required"),
+        ({"wandb": {"project": "p", "api_key": "k"}}, "tracking.wandb.api_key: unknown key"),
+        ({"wandb": {"project": "p", "mode": "offline"}}, "tracking.wandb.dir: required with mode: offline"),
+        ({"wandb": {"project": "p", "mode": "sometimes"}}, "tracking.wandb.mode"),
+        ({"mlflow": {"tracking_uri": "https://me:hunter2@mlflow.internal"}}, "tracking.mlflow.tracking_uri: holds a password"),
+        ({"mlflow": {}}, "tracking.mlflow.tracking_uri: required"),
+        ({"tensorboard": {}}, "tracking.tensorboard: unknown key; valid keys here are wandb, mlflow"),
+    ]:
+        with pytest.raises(GridError) as err:
+            parse_grid(tiny_grid(tracking=change))
+        assert message in str(err.value) and "hunter2" not in str(err.value)
+
+
+def test_a_tracker_not_installed_is_named_before_anything_starts(tmp_path, monkeypatch, capsys):
+    """`run` and `resume` exit 2 naming the field and the extra to install, before Ray is
+    imported or anything is written; `plan` only notes it (the driver may run elsewhere)."""
+    import sys
+
+    from tokenscale.cli import main
+    from tokenscale.config import check_tracking
+    from tokenscale.store import Store
+
+    raw = tiny_grid("tracked", tracking={"wandb": {"project": "p"}})
+    (tmp_path / "g.yaml").write_text(yaml.safe_dump(raw))
+    store = Store.open(str(tmp_path / "store"))
+    monkeypatch.setitem(sys.modules, "wandb", None)  # what importlib then finds: nothing
+    fix = "tracking.wandb: the wandb package is not installed; pip install 'tokenscale[wandb]'"
+    with pytest.raises(GridError, match=r"^" + fix.replace("[", r"\[").replace("]", r"\]")):
+        check_tracking(parse_grid(raw))
+    assert main(["run", str(tmp_path / "g.yaml"), "--store", store.uri]) == 2
+    assert capsys.readouterr().err.startswith(f"tokenscale run: error: {fix}")
+    assert not store.exists(store.join("tracked", "grid.yaml")), "nothing was written"
+    store.put_bytes(store.join("tracked", "grid.yaml"), yaml.safe_dump(raw).encode())  # as `run` saves it
+    assert main(["resume", "tracked", "--store", store.uri]) == 2
+    assert capsys.readouterr().err.startswith(f"tokenscale resume: error: {fix}")
+    assert main(["plan", str(tmp_path / "g.yaml"), "--store", store.uri]) == 0
+    assert capsys.readouterr().err.startswith(f"tokenscale plan: note: {fix}")
+    # MLflow's database stores need SQLAlchemy and Alembic, which mlflow-skinny leaves out
+    monkeypatch.setitem(sys.modules, "alembic", None)
+    with pytest.raises(GridError, match=r"^tracking.mlflow.tracking_uri: a database URI \(sqlite\) needs SQLAlchemy"):
+        check_tracking(parse_grid(tiny_grid(tracking={"mlflow": {"tracking_uri": "sqlite:///mlflow.db"}})))
+    check_tracking(parse_grid(tiny_grid(tracking={"mlflow": {"tracking_uri": "https://mlflow.internal"}})))

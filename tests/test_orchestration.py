@@ -6,11 +6,14 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -242,14 +245,66 @@ def test_store_down_during_write_errors_cleanly_then_resume_completes(s3_endpoin
         proxy.stop()
 
 
-def test_a_grown_grid_runs_only_its_new_cells(tmp_path):
+def wandb_offline_run(path: Path) -> tuple[Any, dict, dict]:
+    """(run record, config, summary) of an offline W&B run's `.wandb` log: since wandb-core
+    (0.18+), offline runs write their config and summary nowhere else. The file is a
+    LevelDB-style log (a 7-byte header, 32 KiB blocks of chunks: crc32, length, type; FULL=1,
+    FIRST=2, MIDDLE=3, LAST=4) of W&B's protobuf Records."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, block = path.read_bytes(), 32768
+    assert data[:4] == b":W&B", data[:7]
+    run, config, summary, pos, pending = None, {}, {}, 7, b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a chunk header: padding
+            pos += block - pos % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        pending, pos = pending + data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind not in (1, 4):
+            continue
+        record = pb.Record()
+        record.ParseFromString(pending)
+        pending = b""
+        which = record.WhichOneof("record_type")
+        if which == "run":
+            run = record.run
+        elif which == "config":
+            config.update({item.key: json.loads(item.value_json) for item in record.config.update})
+        elif which == "summary":
+            summary.update({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                            for item in record.summary.update})
+    return run, config, summary
+
+
+def test_a_grown_grid_runs_only_its_new_cells(tmp_path, monkeypatch):
     """An LLM, a token budget added to the YAML: `run` starts only the new cells, and so does
-    `resume` when the saved grid has cells its Tune experiment never had."""
+    `resume` when the saved grid has cells its Tune experiment never had. The grown grid
+    also gained a `tracking:` section (W&B offline, MLflow in a folder), which moves no
+    config hash (the cells done stay done) and which `resume` follows, its restored Tuner
+    included: each new trial is a run in both trackers, with its config and final metrics;
+    nothing reaches a network."""
+    from tokenscale.orchestrator import driver
     from tokenscale.orchestrator.driver import resume_grid, save_grid
 
-    def grid(llms: int, visual_tokens: tuple[int, ...]):
-        return parse_grid(tiny_grid("grows", llms=llms, visual_tokens=visual_tokens, max_concurrent_trials=1))
+    tracking = {
+        "wandb": {"project": "tokenscale-test", "mode": "offline", "dir": str(tmp_path / "wandb")},
+        "mlflow": {"tracking_uri": (tmp_path / "mlruns").as_uri()},
+    }
 
+    def grid(llms: int, visual_tokens: tuple[int, ...], **tracked):
+        return parse_grid(tiny_grid("grows", llms=llms, visual_tokens=visual_tokens, max_concurrent_trials=1, **tracked))
+
+    # W&B's server is a listener that counts who calls; telemetry and error reports off
+    wandb_server = socket.create_server(("127.0.0.1", 0))
+    wandb_server.settimeout(0)
+    for key, value in {
+        "WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_ERROR_REPORTING": "false",
+        "WANDB_DISABLE_CODE": "true", "WANDB_BASE_URL": f"http://127.0.0.1:{wandb_server.getsockname()[1]}",
+        "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
+    }.items():
+        monkeypatch.setenv(key, value)  # before Ray starts: its workers (W&B's logging actor) inherit them
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)  # the driver sets it for a file:// URI
     store = Store.open(str(tmp_path / "store"))
 
     def finished_at() -> dict[str, object]:
@@ -263,10 +318,18 @@ def test_a_grown_grid_runs_only_its_new_cells(tmp_path):
         before = finished_at()
         again = run_grid(grid(1, (1, 4)), store, verbose=0)  # a token budget more
         assert (again.already_done, again.finished, again.errored) == (1, 1, 0), again
-        # the grid grows again (an LLM more) and the driver dies before Tune sees it
-        save_grid(grid(2, (1, 4)), store)
+        # the grid grows again (an LLM more), gains trackers, and the driver dies before Tune sees it
+        save_grid(grid(2, (1, 4), tracking=tracking), store)
+        restored_trackers, track = [], driver._track_as_saved
+
+        def track_as_saved(tuner, callbacks):  # what the restored Tuner (pickled without trackers) runs with
+            track(tuner, callbacks)
+            restored_trackers.extend(type(c).__name__ for c in tuner._local_tuner.get_run_config().callbacks)
+
+        monkeypatch.setattr(driver, "_track_as_saved", track_as_saved)
         resumed = resume_grid(store, "grows", verbose=0)
         assert resumed.restored_from, "Tune's experiment was restored first"
+        assert restored_trackers == ["WandbLoggerCallback", "MLflowLoggerCallback"], "the restored Tuner tracks"
         assert (resumed.trials, resumed.already_done, resumed.finished, resumed.errored) == (4, 2, 2, 0), resumed
     finally:
         ray.shutdown()
@@ -274,6 +337,45 @@ def test_a_grown_grid_runs_only_its_new_cells(tmp_path):
     assert len(after) == 4 and all(after[h] == t for h, t in before.items()), "a finished cell never runs again"
     _, rows = query(store, "select count(*), count(distinct config_hash) from results")
     assert rows == [(4 * 2, 4)]
+    _, rows = query(store, "select config_hash, avg(score) from results group by 1")
+    tracked = {t.config_hash for t in grid(2, (1, 4)).trials()} - {t.config_hash for t in grid(1, (1, 4)).trials()}
+    mean_score = {h: score for h, score in rows if h in tracked}  # of the cells that ran under `tracking:`
+    assert len(mean_score) == 2
+    llms = {t.config_hash: t.llm.name for t in grid(2, (1, 4)).trials()}
+
+    # MLflow: one finished run per trial, the trial's config as params, its final metrics
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking["mlflow"]["tracking_uri"])
+    runs = client.search_runs([client.get_experiment_by_name("grows").experiment_id])
+    logged = {r.data.params["point/config_hash"]: r for r in runs}
+    assert len(runs) == 2 and set(logged) == set(mean_score), [r.data.params.get("point/config_hash") for r in runs]
+    for config_hash, run in logged.items():
+        assert run.info.status == "FINISHED" and run.data.tags["tokenscale.grid"] == "grows"
+        assert run.data.params["point/trial/llm/name"] == llms[config_hash]
+        assert run.data.metrics["mean_score"] == pytest.approx(mean_score[config_hash])
+        assert {"stage2_loss", "train_seconds"} <= set(run.data.metrics)
+
+    # W&B offline: one run folder per trial, whose log (what `wandb sync` uploads) has the
+    # trial's config and its final metrics in the run's summary
+    folders = sorted((tmp_path / "wandb" / "wandb").glob("offline-run-*"))
+    assert len(folders) == 2, folders
+    summaries = {}
+    for folder in folders:
+        run, config, summary = wandb_offline_run(next(folder.glob("run-*.wandb")))
+        assert (run.project, run.run_group, run.display_name) == ("tokenscale-test", "grows", config["point"]["trial_id"])
+        summaries[config["point"]["config_hash"]] = summary
+    assert set(summaries) == set(mean_score)
+    for config_hash, summary in summaries.items():
+        assert summary["mean_score"] == pytest.approx(mean_score[config_hash])
+        assert {"stage2_loss", "train_seconds"} <= set(summary)
+    try:
+        wandb_server.accept()
+        raise AssertionError("offline W&B called its server")
+    except BlockingIOError:
+        pass  # nobody called
+    finally:
+        wandb_server.close()
 
 
 def test_adaptive_run_starts_space_filling_then_acquires_and_resume_continues_the_loop(tmp_path):

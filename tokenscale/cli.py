@@ -105,7 +105,13 @@ def plan_rows(grid, store: Store | None) -> list[dict]:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from tokenscale.config import GridError, check_tracking
+
     grid = _load_grid(args.grid)
+    try:  # `run` needs the package on the driver's machine, which need not be this one
+        check_tracking(grid)
+    except GridError as err:
+        print(f"tokenscale plan: note: {err}", file=sys.stderr)
     store = _store(args)
     rows = plan_rows(grid, store)
     if args.adaptive:  # the cells the adaptive loop would start next, given what the store has
@@ -147,6 +153,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from tokenscale.config import check_tracking
     from tokenscale.orchestrator.status import GRID_FILE
 
     grid = _load_grid(args.config)  # validated in full before anything starts
@@ -156,6 +163,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise CLIError(f"--max-trials {args.max_trials}: give at least 1 trial")
     store = _store(args)
     store.exists(store.join(grid.name, GRID_FILE))  # a store that cannot be read is told before Ray is imported
+    check_tracking(grid)  # and a tracker whose package is missing
     from tokenscale.orchestrator.driver import run_grid
 
     if args.adaptive:
@@ -170,11 +178,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
+    from tokenscale.config import check_tracking
     from tokenscale.orchestrator.status import load_saved_grid  # Ray-free
 
     store = _store(args)
-    # an unknown grid or a store that cannot be read is told before Ray is imported
-    load_saved_grid(store, _grid_name(args.grid))
+    # an unknown grid, a store that cannot be read or a tracker whose package is missing is
+    # told before Ray is imported
+    check_tracking(load_saved_grid(store, _grid_name(args.grid)))
     from tokenscale.orchestrator.driver import resume_grid
 
     summary = resume_grid(store, args.grid, verbose=args.verbose)

@@ -487,6 +487,115 @@ class Resources(Model):
                 "placement_strategy": self.placement_strategy, "backend": backend, "execution": execution}
 
 
+# ---- experiment trackers: Ray Tune's own logger callbacks, in the driver -----------------
+
+
+class WandbSpec(Model):
+    """Weights & Biases: one W&B run per trial (Ray Tune's WandbLoggerCallback), its metrics
+    as Tune sees them. The API key comes from the environment (WANDB_API_KEY) or `wandb
+    login`, never from the grid."""
+
+    project: StrictStr = Field(min_length=1)
+    entity: StrictStr | None = Field(None, description="the W&B team or user; default: the API key's own")
+    group: StrictStr | None = Field(None, description="the runs' W&B group; default: the grid's name")
+    mode: Literal["online", "offline", "disabled"] | None = Field(
+        None,
+        description="offline: runs are written locally only (`wandb sync` uploads them later); default: "
+        "WANDB_MODE from the environment, else online",
+    )
+    dir: StrictStr | None = Field(
+        None,
+        description="the folder W&B writes its run folders into (<dir>/wandb/), on the driver's machine; "
+        "required offline. Default: each trial's folder in Ray's staging directory (/tmp/ray/session_*/), "
+        "which Ray copies beside the trial's result files, but the last trials' copies can be cut short",
+    )
+
+    @model_validator(mode="after")
+    def _offline_dir(self) -> WandbSpec:
+        if self.mode == "offline" and self.dir is None:
+            raise _at(
+                "dir",
+                "required with mode: offline (the runs are only their files, for `wandb sync` later): give a "
+                "folder on the driver's machine",
+            )
+        return self
+
+
+_DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+
+
+class MlflowSpec(Model):
+    """MLflow: one MLflow run per trial (Ray Tune's MLflowLoggerCallback, in the driver),
+    the trial's config as params and its reports as metrics. Credentials come from the
+    environment (MLFLOW_TRACKING_TOKEN, or MLFLOW_TRACKING_USERNAME / _PASSWORD)."""
+
+    tracking_uri: StrictStr = Field(
+        min_length=1,
+        description="an MLflow server (http(s)://...), a database (sqlite:///mlflow.db; needs SQLAlchemy and "
+        "Alembic) or a local folder (file:///...)",
+    )
+    experiment_name: StrictStr | None = Field(None, description="default: the grid's name")
+
+    @model_validator(mode="after")
+    def _no_secret(self) -> MlflowSpec:
+        from urllib.parse import urlsplit
+
+        if urlsplit(self.tracking_uri).password:
+            raise _at(
+                "tracking_uri",
+                "holds a password; the grid is saved beside its results and shown in logs: give the URI without "
+                "it and set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) "
+                "in the driver's environment",
+            )
+        return self
+
+    @property
+    def scheme(self) -> str:
+        """file (a local folder, with or without file://), http(s), a database's, ..."""
+        from urllib.parse import urlsplit
+
+        scheme = urlsplit(self.tracking_uri).scheme.split("+")[0]
+        return "file" if len(scheme) <= 1 else scheme  # a drive letter (C:) is a folder too
+
+
+class TrackingSpec(Model):
+    """Experiment trackers the trials report to, besides the store (which stays the record).
+    How a grid is watched, not what a trial computes: no trial's config hash depends on it."""
+
+    wandb: WandbSpec | None = None
+    mlflow: MlflowSpec | None = None
+
+
+def check_tracking(grid: Grid) -> None:
+    """The packages the grid's trackers need, installed here: Ray's logger callbacks run in
+    the driver (W&B's in an actor on the driver's node). A GridError naming the field and the
+    fix, before anything starts; nothing is imported."""
+    import importlib.util
+
+    def found(module: str) -> bool:
+        try:
+            return importlib.util.find_spec(module) is not None
+        except ValueError:  # imported already, without a spec
+            return True
+
+    def installed(*modules: str) -> bool:
+        return all(found(m) for m in modules)
+
+    for name in ("wandb", "mlflow"):
+        if getattr(grid.tracking, name) is not None and not installed(name):
+            raise GridError(
+                f"tracking.{name}: the {name} package is not installed; pip install 'tokenscale[{name}]' "
+                f"(or drop tracking.{name} from the grid)"
+            )
+    mlflow = grid.tracking.mlflow
+    if mlflow is not None and mlflow.scheme in _DATABASE_SCHEMES and not installed("sqlalchemy", "alembic"):
+        raise GridError(
+            f"tracking.mlflow.tracking_uri: a database URI ({mlflow.scheme}) needs SQLAlchemy and Alembic, which "
+            "tokenscale[mlflow] (mlflow-skinny) does not install; pip install sqlalchemy alembic, or log to an "
+            "MLflow server (http(s)://...)"
+        )
+
+
 class Grid(Model):
     """A grid YAML: LLMs x visual-token budgets x compressors x seeds, and how to run it."""
 
@@ -501,6 +610,9 @@ class Grid(Model):
     resources: Resources = Resources()
     max_concurrent_trials: StrictInt = Field(2, ge=1)
     max_failures: StrictInt = Field(1, ge=0)
+    tracking: TrackingSpec = Field(
+        TrackingSpec(), description="experiment trackers (W&B, MLflow) that every trial reports to",
+    )
 
     @model_validator(mode="after")
     def _cross_fields(self) -> Grid:
