@@ -722,7 +722,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("sql", help="DuckDB SQL over the store (views: results, laws)")
+    p = sub.add_parser("sql", help="DuckDB SQL over the store (views: results, laws, draws, heldout, curves)")
     p.add_argument("query", help='e.g. "select count(*) from results"')
     p.add_argument("--store", help=store_help)
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
