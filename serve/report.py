@@ -29,7 +29,7 @@ import pyarrow as pa
 
 from tokenscale.costs import inference_flops
 from tokenscale.fitting.frontier import BudgetError, Candidate
-from tokenscale.store import Store, StoreError
+from tokenscale.store import Store
 
 from .advisor import Advisor, BadRequest, finite_or_none, jsonable
 
@@ -245,10 +245,7 @@ def report_data(store: Store, grid: str, advisor: Advisor | None = None, statuse
     if advisor is not None and advisor.snapshot.grid != grid:
         raise ValueError(f"the advisor serves grid {advisor.snapshot.grid!r}, not {grid!r}")
     results = store.read_results(grid)
-    try:
-        curves = store.read_curves(grid)
-    except (AttributeError, StoreError):  # stores written before curves were kept: none to show
-        curves = pa.table({})
+    curves = store.read_curves(grid)  # empty for trials run before curves were kept
     points = _trial_points(results)
     candidates = {(c.llm, c.visual_tokens, c.compressor): c for c in advisor.snapshot.candidates} if advisor else {}
     families = []
@@ -261,7 +258,7 @@ def report_data(store: Store, grid: str, advisor: Advisor | None = None, statuse
             "optimal": _optimal_rows(advisor, family, form),
         })
     heldout = store.read_heldout(grid) if advisor is not None else None
-    trials, benchmarks = _trials(results, _status_dicts(statuses), _curve_charts(curves) if curves.num_rows else {})
+    trials, benchmarks = _trials(results, _status_dicts(statuses), _curve_charts(curves))
     return jsonable({
         "grid": grid,
         "store": store.uri,
