@@ -541,12 +541,17 @@ class Store:
     def has_result(self, grid: str, compressor: str, config_hash: str) -> bool:
         return self.exists(self.result_key(grid, compressor, config_hash))
 
-    def read_results(self, grid: str) -> pa.Table:
+    def _read_folder(self, folder: str, schema: str) -> pa.Table:
+        """Every parquet object under `folder`, conformed to `schema` (by name) and
+        concatenated; empty when there is none."""
         import pyarrow as pa
 
-        keys = self.list(self.join(grid, "results"), ".parquet")
-        tables = [conform(self.read_table(k), arrow_schema("RESULT_SCHEMA")) for k in keys]
-        return pa.concat_tables(tables) if tables else arrow_schema("RESULT_SCHEMA").empty_table()
+        keys = self.list(folder, ".parquet")
+        tables = [conform(self.read_table(k), arrow_schema(schema)) for k in keys]
+        return pa.concat_tables(tables) if tables else arrow_schema(schema).empty_table()
+
+    def read_results(self, grid: str) -> pa.Table:
+        return self._read_folder(self.join(grid, "results"), "RESULT_SCHEMA")
 
     def write_curve(self, grid: str, compressor: str, config_hash: str, rows: list[dict]) -> str:
         """A trial's curve (CURVE_SCHEMA rows), one object keyed by its config hash: write it
@@ -558,11 +563,7 @@ class Store:
 
     def read_curves(self, grid: str) -> pa.Table:
         """Every stored curve of `grid` (CURVE_SCHEMA); empty when it has none."""
-        import pyarrow as pa
-
-        keys = self.list(self.join(grid, "curves"), ".parquet")
-        tables = [conform(self.read_table(k), arrow_schema("CURVE_SCHEMA")) for k in keys]
-        return pa.concat_tables(tables) if tables else arrow_schema("CURVE_SCHEMA").empty_table()
+        return self._read_folder(self.join(grid, "curves"), "CURVE_SCHEMA")
 
     def write_laws(self, grid: str, rows: list[dict]) -> str:
         key = self.laws_key(grid)

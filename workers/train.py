@@ -389,6 +389,10 @@ class Curve:
         self.pending = []
         return point
 
+    def carried(self) -> dict[str, list]:
+        """What a checkpoint's Progress carries of the curve (a copy)."""
+        return {"curve": list(self.points), "pending_losses": list(self.pending)}
+
 
 Checkpoint = Callable[[Any, Progress], None]
 """`checkpoint(engine, progress)`: save the engine's trainable state where the launcher
@@ -732,10 +736,8 @@ def train_and_evaluate(
         def save(step: int, recent: list[float], engine=engine, number=number) -> None:
             if checkpoint is not None:
                 stage1_loss = losses[1] if number == 2 else _tail_mean(recent)
-                checkpoint(engine, Progress(
-                    number, step, stage1_loss, f"stage{number}-step{step}", list(recent),
-                    curve=list(curve.points), pending_losses=list(curve.pending),
-                ))
+                checkpoint(engine, Progress(number, step, stage1_loss, f"stage{number}-step{step}", list(recent),
+                                            **curve.carried()))
 
         def progress(step: int, loss: float, stage=stage) -> None:
             point = curve.step(stage, step, loss)
@@ -754,10 +756,8 @@ def train_and_evaluate(
         losses[number] = resumed.stage1_loss if stage1_was_done else _tail_mean(step_losses)
         if number == 1:
             if checkpoint is not None and not stage1_was_done:
-                checkpoint(engine, Progress(
-                    1, stage.steps, losses[1], f"stage1-step{stage.steps}", step_losses[-10:],
-                    curve=list(curve.points), pending_losses=list(curve.pending),
-                ))
+                checkpoint(engine, Progress(1, stage.steps, losses[1], f"stage1-step{stage.steps}", step_losses[-10:],
+                                            **curve.carried()))
             carried = _trainable_state(engine, stage.zero_stage)
             release(engine)
             engine = None
