@@ -48,7 +48,7 @@ from typing import Any
 
 import yaml
 
-from tokenscale.config import Grid, GridError, TrialConfig, parse_grid
+from tokenscale.config import Grid, GridError, TrialConfig, parse_grid, planned_stage_steps
 from tokenscale.store import Store, StoreError, one_line, s3_endpoint
 
 GRID_FILE = "grid.yaml"
@@ -147,6 +147,13 @@ def _trial_error(filesystem: Any, experiment: str, trial: dict[str, Any], metada
     return _last_error_line(text)
 
 
+def _is_progress(report: Any) -> bool:
+    """A progress report: a mapping with a number (not a bool) at each of PROGRESS_KEYS."""
+    return isinstance(report, dict) and all(
+        isinstance(report.get(k), (int, float)) and not isinstance(report.get(k), bool) for k in PROGRESS_KEYS
+    )
+
+
 def _progress_reports(filesystem: Any, path: str) -> list[dict[str, Any]]:
     """The progress reports (PROGRESS_KEYS numbers) among the last RESULT_TAIL_BYTES of a
     result.json, oldest first; [] when it is not there (yet) or cannot be read: the trial's
@@ -167,10 +174,7 @@ def _progress_reports(filesystem: Any, path: str) -> list[dict[str, Any]]:
             report = json.loads(line)
         except ValueError:
             continue
-        numbers = isinstance(report, dict) and all(
-            isinstance(report.get(k), (int, float)) and not isinstance(report.get(k), bool) for k in PROGRESS_KEYS
-        )
-        if numbers:
+        if _is_progress(report):
             reports.append(report)
     return reports
 
@@ -221,30 +225,18 @@ def tune_trial_states(path: str) -> dict[str, TuneTrial]:
             if status == "RUNNING" and folder:
                 reports = _progress_reports(filesystem, f"{experiment}/{folder}/{RESULT_FILE}")
             last = metadata.get("last_result")
-            if status == "RUNNING" and not reports and isinstance(last, dict) and all(
-                isinstance(last.get(k), (int, float)) for k in PROGRESS_KEYS
-            ):
+            if status == "RUNNING" and not reports and _is_progress(last):
                 reports = [last]  # no result.json (yet): the state file's latest report
             found[config_hash] = TuneTrial(status, error, reports)
         return found
     return {}
 
 
-def planned_steps(trial: TrialConfig, stage: int) -> int | None:
-    """Stage `stage`'s optimizer steps as the grid fixes them (workers/train.py's
-    stage_plan), None where the worker counts them (LLaVA data given in epochs)."""
-    steps = trial.train.stage1_steps if stage == 1 else trial.train.stage2_steps
-    llava = trial.data.llava.stage(stage) if trial.data.llava is not None else None
-    if llava is not None and llava.epochs is not None:
-        return None
-    return llava.steps if llava is not None and llava.steps is not None else steps
-
-
 def _position(report: dict[str, Any], trial: TrialConfig) -> float | None:
     """Optimizer steps the trial has done at `report`, over both stages."""
     if int(report["stage"]) == 1:
         return float(report["step"])
-    first = planned_steps(trial, 1)
+    first = planned_stage_steps(trial, 1)
     return None if first is None else float(first + report["step"])
 
 
@@ -279,7 +271,7 @@ def eta_seconds(reports: list[dict[str, Any]], trial: TrialConfig, now: float | 
     last, rate = reports[-1], step_rate(reports, trial)
     remaining: float | None = float(last["steps"] - last["step"])
     if int(last["stage"]) == 1:
-        second = planned_steps(trial, 2)
+        second = planned_stage_steps(trial, 2)
         remaining = None if second is None else remaining + second
     if rate is None or remaining is None:
         return None
@@ -305,6 +297,16 @@ def format_duration(seconds: float | None) -> str:
     if minutes:
         return f"{minutes}m{secs:02d}s"
     return f"{secs}s"
+
+
+def saved_grid_status(store: Store, name: str) -> list[TrialStatus] | None:
+    """`grid_status`, or None for a grid that `tokenscale run` never saved in this store
+    (its results written by other means): the report page then lists the trials it has
+    results of. A store that cannot be read is still a StoreError."""
+    try:
+        return grid_status(store, name)
+    except GridError:
+        return None
 
 
 def grid_status(store: Store, name: str, ray_storage_uri: str | None = None) -> list[TrialStatus]:

@@ -67,8 +67,9 @@ from .report import build_report
 PAGE_SECONDS = 30.0
 
 TrialStatusFn = Callable[[Store, str], Any]
-"""`(store, grid) -> statuses` for the report's trial table (the CLI passes the
-orchestrator's `grid_status`); without it the page lists the trials that have results."""
+"""`(store, grid) -> statuses or None` for the report's trial table (the CLI passes the
+orchestrator's `saved_grid_status`); None, or no function, lists the trials that have
+results. Its store faults are the page's 503, anything else it raises a 500."""
 
 log = logging.getLogger("ray.serve")
 
@@ -396,21 +397,13 @@ class Replica:
             key = advisor.snapshot.fingerprint if advisor else ()
             with self._page_lock:  # one build at a time; the others wait for it
                 if self._page is None or self._page[0] != key or time.monotonic() - self._page[1] > PAGE_SECONDS:
-                    self._page = (key, time.monotonic(), build_report(self.store, grid, advisor, self._statuses(grid)))
+                    statuses = self.trial_status(self.store, grid) if self.trial_status else None
+                    self._page = (key, time.monotonic(), build_report(self.store, grid, advisor, statuses))
                 return HTMLResponse(self._page[2])
         except StoreError as err:
             return _error(503, f"the report could not be built: the store could not be read ({one_line(err, 480)})")
         except Exception as err:  # ours: 500 with the cause, traceback logged
             return internal_error(err)
-
-    def _statuses(self, grid: str) -> Any:
-        if self.trial_status is None:
-            return None
-        try:
-            return self.trial_status(self.store, grid)
-        except Exception as err:  # no saved grid (results written by other means): results only
-            log.info("tokenscale: report without trial status for %s: %s", grid, one_line(err))
-            return None
 
     def health(self) -> dict:
         adv = self._advisor

@@ -468,10 +468,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from tokenscale.serve.app import start
 
     init_ray()
-    from tokenscale.orchestrator.status import grid_status
+    from tokenscale.orchestrator.status import saved_grid_status
 
     url = start(store.uri, args.grid, args.host, args.port, args.reload_seconds,
-                num_replicas=args.replicas, num_cpus=args.num_cpus, trial_status=grid_status)
+                num_replicas=args.replicas, num_cpus=args.num_cpus, trial_status=saved_grid_status)
     print(f"serving {store.uri} at {url} (the report page at {url}/, OpenAPI at {url}/docs); Ctrl-C to stop", flush=True)
     try:
         while True:
@@ -483,27 +483,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 # ---- report ------------------------------------------------------------------------------
 
 
-def _trial_statuses(store: Store, grid: str) -> list | None:
-    """Each trial's status as `tokenscale status` gives it; None when the grid was not run
-    by `tokenscale run` (no saved grid: the report then lists the trials with results)."""
-    from tokenscale.config import GridError
-    from tokenscale.orchestrator.status import grid_status
-
-    try:
-        return grid_status(store, grid)
-    except GridError:
-        return None
-
-
 def write_report(store: Store, grid: str, out: str | None = None) -> str:
     """The grid's report page (serve/report.py) written to `out` (a local file), else to
     <store>/<grid>/report.html; returns where."""
+    from tokenscale.orchestrator.status import saved_grid_status
     from tokenscale.serve.advisor import Advisor, load_snapshot
     from tokenscale.serve.report import build_report
     from tokenscale.store import write_atomically
 
     snapshot = load_snapshot(store, grid)
-    statuses = _trial_statuses(store, grid)
+    statuses = saved_grid_status(store, grid)
     if snapshot is None and statuses is None and not store.list(store.join(grid, "results"), ".parquet"):
         raise CLIError(f"grid {grid!r} has no results and was never run with store {store.uri}: "
                        f"start it with `tokenscale run`, or give the right --store")
@@ -642,9 +631,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     print("[3/4] serving the laws with Ray Serve", flush=True)
     init_ray()
-    from tokenscale.orchestrator.status import grid_status
+    from tokenscale.orchestrator.status import saved_grid_status
 
-    url = start(store.uri, grid.name, "127.0.0.1", args.port, trial_status=grid_status)
+    url = start(store.uri, grid.name, "127.0.0.1", args.port, trial_status=saved_grid_status)
     try:
         columns, result_rows = query(store, f"select min(inference_flops), max(inference_flops) from results where grid = '{grid.name}'")
         budget = math.sqrt(result_rows[0][0] * result_rows[0][1])  # a mid-range budget

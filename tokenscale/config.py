@@ -748,21 +748,27 @@ def _tokens_per_example(trial: TrialConfig) -> float:
     return float(trial.visual_tokens + text)
 
 
+def planned_stage_steps(trial: TrialConfig, number: int) -> int | None:
+    """Stage `number`'s optimizer steps as the grid fixes them: the LLaVA stage's own
+    `steps`, else the train section's; None when the stage is given in `epochs` (the
+    worker counts the examples: workers/llava_data.py's stage_steps)."""
+    steps = trial.train.stage1_steps if number == 1 else trial.train.stage2_steps
+    stage = trial.data.llava.stage(number) if trial.data.llava is not None else None
+    if stage is not None and stage.epochs is not None:
+        return None
+    return stage.steps if stage is not None and stage.steps is not None else steps
+
+
 def trial_training_flops(trial: TrialConfig) -> float | None:
     """≈ 6·N·tokens over both stages (stage 1 trains only the compressor, but its forward
     and backward run through the whole LM); the same on any number of workers."""
     params = planned_llm_params(trial.llm)
     if params is None:
         return None
-    train, llava = trial.train, trial.data.llava
-    steps = {1: train.stage1_steps, 2: train.stage2_steps}
-    if llava is not None:
-        for number in (1, 2):
-            stage = llava.stage(number)
-            if stage is not None and stage.epochs is not None:
-                return None  # steps = epochs x examples / batch: the examples are counted by the worker
-            if stage is not None and stage.steps is not None:
-                steps[number] = stage.steps
+    train = trial.train
+    steps = {number: planned_stage_steps(trial, number) for number in (1, 2)}
+    if None in steps.values():
+        return None  # steps = epochs x examples / batch: the examples are counted by the worker
     examples = steps[1] * train.global_batch_of(1) + steps[2] * train.global_batch_of(2)
     return training_flops(params, examples * _tokens_per_example(trial))
 
