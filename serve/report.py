@@ -55,11 +55,10 @@ def _trial_points(results: pa.Table) -> list[dict]:
     return rows
 
 
-def _law_for(advisor: Advisor | None, family: str, compressor: str, form: str):
-    if advisor is None:
-        return None, None
-    entry = advisor.snapshot.laws.get((family, compressor, form))
-    return (None, None) if entry is None else entry
+def _law_for(advisor: Advisor | None, family: str, compressor: str, form: str | None):
+    """The fitted law of (family, compressor, form); None when there is none (or no form)."""
+    entry = advisor.snapshot.laws.get((family, compressor, form)) if advisor is not None else None
+    return None if entry is None else entry[1]
 
 
 def _family_chart(family: str, q: float, points: list[dict], advisor: Advisor | None, form: str | None,
@@ -69,6 +68,12 @@ def _family_chart(family: str, q: float, points: list[dict], advisor: Advisor | 
     mine = [p for p in points if p["task_family"] == family]
     compressors = sorted({p["compressor"] for p in mine})
     llms = sorted({(p["llm_params"], p["llm"]) for p in mine})
+    # each compressor's law is drawn across the V range the grid trained it at
+    dense_v = {}
+    for compressor in compressors:
+        every_v = [p["visual_tokens"] for p in points if p["compressor"] == compressor]
+        dense_v[compressor] = (np.geomspace(min(every_v), max(every_v), LAW_CURVE_POINTS) if len(set(every_v)) > 1
+                               else np.array(every_v[:1], float))
     series = []
     for params, llm in llms:
         marks = []
@@ -83,18 +88,16 @@ def _family_chart(family: str, q: float, points: list[dict], advisor: Advisor | 
                  f"{llm} · V={p['visual_tokens']} · {compressor}: error {p['error_mean']:.3f}"
                  f" ({p['seed_count_distinct']} seed{'s' if p['seed_count_distinct'] != 1 else ''})"]
                 for p in at if _number(p["error_mean"]) is not None]})
-            _, law = _law_for(advisor, family, compressor, form) if form else (None, None)
+            law = _law_for(advisor, family, compressor, form)
             if law is None:
                 continue
             cand = candidates.get((llm, at[0]["visual_tokens"], compressor))
             n = cand.law_params(law) if cand else float(params)
-            every_v = [p["visual_tokens"] for p in points if p["compressor"] == compressor]
-            dense_v = np.geomspace(min(every_v), max(every_v), LAW_CURVE_POINTS) if len(set(every_v)) > 1 else np.array(every_v[:1], float)
-            predicted = np.asarray(law.predict(n, dense_v), dtype=float)
-            costs = np.asarray(inference_flops(params, q, dense_v, compressor=compressor), dtype=float)
+            predicted = np.asarray(law.predict(n, dense_v[compressor]), dtype=float)
+            costs = np.asarray(inference_flops(params, q, dense_v[compressor], compressor=compressor), dtype=float)
             marks.append({"type": "line", "dash": compressors.index(compressor) > 0, "data": [
                 [float(c), float(e), f"law ({form}, {compressor}) at {llm}, V={v:.3g}: {e:.3f}"]
-                for c, e, v in zip(costs, predicted, dense_v, strict=True) if math.isfinite(e)]})
+                for c, e, v in zip(costs, predicted, dense_v[compressor], strict=True) if math.isfinite(e)]})
         series.append({"name": f"{llm} (N={params:.3g})", "marks": marks})
     if advisor is not None and form is not None:
         try:
