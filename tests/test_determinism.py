@@ -53,3 +53,36 @@ def test_a_trial_gives_the_same_numbers_in_a_fresh_and_in_a_reused_process(tmp_p
     metrics, rows = train_in_process(trials[1])
     reused = ({k: metrics[k] for k in KEYS}, sorted((r["benchmark"], r["score"]) for r in rows))
     assert reused == fresh, "a process that ran another trial first"
+
+
+def test_the_shared_tower_and_its_features_do_not_depend_on_the_callers_thread_count(monkeypatch):
+    """The tower and its features are cached under a key without the thread count, and
+    shared by every trial: whoever builds them (a 1-thread Tune trial, a debugging run with
+    torch's default) must build the same bytes. A matmul's reduction order depends on the
+    thread count (pretraining this tower with 1 and with 4 threads differs by ~1e-4)."""
+    import torch
+
+    from tokenscale.config import VisionSpec
+    from tokenscale.workers import benchmarks, model
+
+    monkeypatch.setenv("TOKENSCALE_CACHE", "off")
+    spec = VisionSpec(image_size=16, patch_size=4, hidden_size=16, layers=1, heads=2, pretrain_steps=30,
+                      pretrain_examples=64)
+    split = benchmarks.generate("color", "eval", 32, seed=0, image_size=16, cache=False)
+    before = torch.get_num_threads()
+    built = {}
+    try:
+        for threads in (1, 4):
+            torch.set_num_threads(threads)
+            state = model.pretrained_tower(spec, data_seed=0)
+            tower = model.TinyViT(spec)
+            tower.load_state_dict(state)
+            features = model.split_features(tower, spec, 0, split, "color-eval")
+            assert torch.get_num_threads() == threads, "the caller's thread count is restored"
+            built[threads] = (state, features)
+    finally:
+        torch.set_num_threads(before)
+    (state_1, features_1), (state_4, features_4) = built[1], built[4]
+    assert state_1.keys() == state_4.keys()
+    assert all(torch.equal(state_1[k], state_4[k]) for k in state_1)
+    assert features_1.tobytes() == features_4.tobytes()

@@ -7,6 +7,7 @@ loads the LM and a CLIP vision tower with `from_pretrained` from a path in the g
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -28,6 +29,27 @@ from . import benchmarks
 from .benchmarks import VOCAB
 
 log = logging.getLogger(__name__)
+
+# What is cached and shared between trials (the pretrained tower, its patch features) is
+# computed with this many torch threads, whoever computes it: a matmul's reduction order
+# depends on the thread count, so a tower pretrained with 1 thread and one pretrained with
+# 2 differ (by up to 0.61 in a weight, measured), and every trial's scores with them. The
+# cache key cannot tell them apart, so the count is fixed here rather than taken from the
+# trial that happens to build the file first (a `--threads 1` Tune trial, a debugging run
+# with torch's default). 2: the trial that pretrains uses the core the trial waiting on
+# the lock leaves idle (the demo's tower: 34.5 s against 48.6 s with 1 thread).
+SHARED_CACHE_THREADS = 2
+
+
+@contextlib.contextmanager
+def torch_threads(count: int):
+    """torch's intra-op thread count set to `count` inside the block, restored after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class TinyViT(nn.Module):
@@ -95,7 +117,13 @@ def _patch_targets(labels: torch.Tensor, patch: int) -> list[torch.Tensor]:
 
 
 def pretrain_tower(spec: VisionSpec, data_seed: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """Train a TinyViT on dense scene labels; deterministic in (spec, data_seed)."""
+    """Train a TinyViT on dense scene labels; deterministic in (spec, data_seed), with
+    SHARED_CACHE_THREADS threads whatever the caller's."""
+    with torch_threads(SHARED_CACHE_THREADS):
+        return _pretrain_tower(spec, data_seed)
+
+
+def _pretrain_tower(spec: VisionSpec, data_seed: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     started = time.perf_counter()
     names = sorted(benchmarks.BENCHMARKS)
     splits = [benchmarks.generate(b, "pretrain", spec.pretrain_examples, data_seed, spec.image_size) for b in names]
@@ -195,14 +223,18 @@ def split_features(tower: nn.Module, spec: VisionSpec, data_seed: int, split: be
     deterministic function of (spec, data_seed)) they are cached on disk next to the tower,
     keyed by the tower and the split (`tag`), so a grid encodes each image once."""
     root = benchmarks.cache_dir()
-    if root is None or spec.path or spec.pretrain_steps <= 0:
+    if spec.path or spec.pretrain_steps <= 0:
         return encode_images(tower, split.images)
-    path = os.path.join(root, "features", f"{_pretrain_key(spec, data_seed)}-{tag}.npy")
 
     def build() -> np.ndarray:
         # stored as float16: the trial that builds the file trains on the same rounded
         # features as every trial that reads it (results must not depend on a warm cache)
-        return encode_images(tower, split.images).astype(np.float16).astype(np.float32)
+        with torch_threads(SHARED_CACHE_THREADS):
+            return encode_images(tower, split.images).astype(np.float16).astype(np.float32)
+
+    if root is None:
+        return build()
+    path = os.path.join(root, "features", f"{_pretrain_key(spec, data_seed)}-{tag}.npy")
 
     return _locked_cache(path, build, lambda p: np.load(p).astype(np.float32), lambda value, f: np.save(f, value.astype(np.float16)))
 
