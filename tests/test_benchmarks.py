@@ -77,6 +77,41 @@ def test_clevr_answers_follow_from_the_scene_and_every_template_occurs():
     assert len(seen) == 8, seen
 
 
+def test_clevr_asks_a_named_template_and_refuses_one_the_scene_cannot_answer():
+    """benchmarks/clevr_templates.py scores the templates apart: each name gives its own
+    question skeleton, answered right; only the two "the object picked out by" templates can
+    be unanswerable (no shape, or no colour, occurs once), and then they raise."""
+    import re
+
+    import pytest
+
+    from tokenscale.workers.benchmarks import CLEVR_TEMPLATES, _clevr_question, _clevr_scene
+
+    rng = np.random.default_rng(1)
+    skeletons: dict[str, set[str]] = {t: set() for t in CLEVR_TEMPLATES}
+    refused = set()
+    for _ in range(300):
+        _, _, objects = _clevr_scene(rng, 24)
+        colors, shapes = [c for c, _ in objects], [s for _, s in objects]
+        for template in CLEVR_TEMPLATES:
+            answerable = {
+                "color_of_shape": any(shapes.count(s) == 1 for s in shapes),
+                "shape_of_color": any(colors.count(c) == 1 for c in colors),
+            }.get(template, True)
+            if not answerable:
+                with pytest.raises(ValueError, match=template):
+                    _clevr_question(rng, objects, template)
+                refused.add(template)
+                continue
+            question, answer = _clevr_question(rng, objects, template)
+            assert _answer(question, objects) == answer, (template, question, objects)
+            skeletons[template].add(
+                re.sub(r"\b(red|green|blue|yellow|purple|cyan|square|cross|squares|crosses)\b", "X", question))
+    assert all(len(s) == 1 for s in skeletons.values()), skeletons
+    assert len({next(iter(s)) for s in skeletons.values()}) == 8
+    assert refused == {"color_of_shape", "shape_of_color"}
+
+
 def test_clevr_questions_are_left_padded_to_the_longest():
     split = generate("clevr", "train", 50, seed=3, image_size=24)
     pad = VOCAB.index("<pad>")

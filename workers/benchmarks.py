@@ -261,8 +261,16 @@ def _clevr_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.nd
     return image, labels, objects
 
 
-def _clevr_question(rng: np.random.Generator, objects: list[tuple[str, str]]) -> tuple[str, str]:
-    """One of eight templates, drawn uniformly among those the scene can answer."""
+CLEVR_TEMPLATES = (
+    "color_of_shape", "shape_of_color", "count_color", "count_shape", "compare_counts", "exists_conjunction",
+    "count_or", "exists_and",
+)
+
+
+def _clevr_question(rng: np.random.Generator, objects: list[tuple[str, str]], template: str | None = None) -> tuple[str, str]:
+    """One of eight templates (CLEVR_TEMPLATES), drawn uniformly among those the scene can
+    answer; `template` names the one to ask instead (`ValueError` when this scene cannot
+    answer it), for measuring the templates apart."""
     colors = [c for c, _ in objects]
     shapes = [s for _, s in objects]
     any_color = lambda: str(rng.choice(list(COLORS)))  # noqa: E731
@@ -270,27 +278,32 @@ def _clevr_question(rng: np.random.Generator, objects: list[tuple[str, str]]) ->
     unique_shapes = [s for s in CLEVR_SHAPES if shapes.count(s) == 1]
     if unique_shapes:  # the attribute of the object picked out by the other one
         shape = str(rng.choice(unique_shapes))
-        templates.append((f"what color is the {shape} ?", colors[shapes.index(shape)]))
+        templates.append(("color_of_shape", f"what color is the {shape} ?", colors[shapes.index(shape)]))
     unique_colors = [c for c in COLORS if colors.count(c) == 1]
     if unique_colors:
         color = str(rng.choice(unique_colors))
-        templates.append((f"what shape is the {color} thing ?", shapes[colors.index(color)]))
+        templates.append(("shape_of_color", f"what shape is the {color} thing ?", shapes[colors.index(color)]))
     color = any_color()
-    templates.append((f"how many {color} things are there ?", CLEVR_COUNTS[colors.count(color)]))
+    templates.append(("count_color", f"how many {color} things are there ?", CLEVR_COUNTS[colors.count(color)]))
     shape = str(rng.choice(CLEVR_SHAPES))
-    templates.append((f"how many {CLEVR_PLURAL[shape]} are there ?", CLEVR_COUNTS[shapes.count(shape)]))
+    templates.append(("count_shape", f"how many {CLEVR_PLURAL[shape]} are there ?", CLEVR_COUNTS[shapes.count(shape)]))
     first, second = (str(c) for c in rng.choice(list(COLORS), 2, replace=False))
-    templates.append((f"are there more {first} things than {second} things ?",
+    templates.append(("compare_counts", f"are there more {first} things than {second} things ?",
                       "yes" if colors.count(first) > colors.count(second) else "no"))
     color, shape = any_color(), str(rng.choice(CLEVR_SHAPES))
-    templates.append((f"is there a {color} {shape} ?", "yes" if (color, shape) in objects else "no"))
+    templates.append(("exists_conjunction", f"is there a {color} {shape} ?", "yes" if (color, shape) in objects else "no"))
     first, second = (str(c) for c in rng.choice(list(COLORS), 2, replace=False))
-    templates.append((f"how many things are {first} or {second} ?",
+    templates.append(("count_or", f"how many things are {first} or {second} ?",
                       CLEVR_COUNTS[colors.count(first) + colors.count(second)]))
     first, second = (str(c) for c in rng.choice(list(COLORS), 2, replace=False))
-    templates.append((f"is there a {first} thing and a {second} thing ?",
+    templates.append(("exists_and", f"is there a {first} thing and a {second} thing ?",
                       "yes" if first in colors and second in colors else "no"))
-    return templates[int(rng.integers(len(templates)))]
+    if template is not None:
+        asked = [t for t in templates if t[0] == template]
+        if not asked:
+            raise ValueError(f"this scene cannot answer clevr template {template!r}")
+        return asked[0][1:]
+    return templates[int(rng.integers(len(templates)))][1:]
 
 
 def _clevr(rng: np.random.Generator, size: int):
@@ -351,6 +364,10 @@ BENCHMARKS: dict[str, Benchmark] = {
         Benchmark("letters", "ocr", 1 / len(LETTERS), _reading(LETTERS, 3, "letter")),
     )
 }
+# What the tiny tower pretrains on (workers/model.py): every benchmark above, fixed here, as
+# the tower's cache key does not name them (a benchmark registered later, as
+# benchmarks/clevr_templates.py does, must not change the tower).
+PRETRAIN_BENCHMARKS: tuple[str, ...] = tuple(sorted(BENCHMARKS))
 
 
 def cache_dir() -> str | None:

@@ -125,7 +125,7 @@ def pretrain_tower(spec: VisionSpec, data_seed: int) -> tuple[dict[str, torch.Te
 
 def _pretrain_tower(spec: VisionSpec, data_seed: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     started = time.perf_counter()
-    names = sorted(benchmarks.BENCHMARKS)
+    names = benchmarks.PRETRAIN_BENCHMARKS
     splits = [benchmarks.generate(b, "pretrain", spec.pretrain_examples, data_seed, spec.image_size) for b in names]
     images = torch.from_numpy(np.concatenate([sp.images for sp in splits]))
     labels = torch.from_numpy(np.concatenate([sp.labels for sp in splits]))
