@@ -117,17 +117,24 @@ def fit_grid(
     return rows, skipped
 
 
+def exponents_identified(row: dict) -> bool:
+    """Whether a law row's exponents are identified by its points: neither alpha nor beta at a
+    bound of the fit nor with a CI spanning the box (D at a bound alone leaves them readable)."""
+    return not any(name in row["identification"] for name in ("alpha", "beta"))
+
+
 def mark_preferred(rows: list[dict]) -> None:
-    """Per (task_family, compressor), `preferred` on the form that fits better: the lower
-    leave-largest-LLM-out holdout error (a law that extrapolates in N is the point), then
-    the higher r2."""
+    """Per (task_family, compressor), `preferred` on the form that fits better: one whose
+    exponents are identified over one whose are not (an exponent at its bound of 3 ranks the
+    configs by an artifact of the fit), then the lower leave-largest-LLM-out holdout error
+    (a law that extrapolates in N is the point), then the higher r2."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for row in rows:
         groups.setdefault((row["task_family"], row["compressor"]), []).append(row)
     for group in groups.values():
-        def rank(row: dict) -> tuple[float, float]:
+        def rank(row: dict) -> tuple[bool, float, float]:
             holdout = row["holdout_error"]
-            return (holdout if np.isfinite(holdout) else np.inf, -row["r2"])
+            return (not exponents_identified(row), holdout if np.isfinite(holdout) else np.inf, -row["r2"])
 
         best = min(group, key=rank)
         for row in group:

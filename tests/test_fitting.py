@@ -648,7 +648,7 @@ def test_held_out_llm_is_left_out_of_the_fit_and_checked_against_it(tmp_path):
 
 
 def test_laws_say_when_they_are_not_identified_and_which_form_fits_better(tmp_path):
-    from tokenscale.fitting.grid_fit import identification
+    from tokenscale.fitting.grid_fit import exponents_identified, identification, mark_preferred
     from tokenscale.fitting.uncertainty import LawCI
 
     store = Store.open(str(tmp_path / "store"))
@@ -657,12 +657,26 @@ def test_laws_say_when_they_are_not_identified_and_which_form_fits_better(tmp_pa
     for family, compressor in {(r["task_family"], r["compressor"]) for r in rows}:
         group = [r for r in rows if (r["task_family"], r["compressor"]) == (family, compressor)]
         assert sum(r["preferred"] for r in group) == 1
-        best = min(group, key=lambda r: r["holdout_error"])
-        assert best["preferred"], "the lower holdout error is preferred"
+        best = min(group, key=lambda r: (not exponents_identified(r), r["holdout_error"]))
+        assert best["preferred"], "identified exponents first, then the lower holdout error"
     product = {(r["task_family"], r["compressor"]): r for r in rows if r["form"] == "product"}
     assert product[("reasoning", "avgpool")]["identification"] == ""  # 40 clean points of a known law
     _, stored = query(store, "select count(*) from laws where preferred")
     assert stored == [(4,)]
+    # the demo's OCR/quecc case: the sum form extrapolates a little better but only with alpha
+    # at its bound 3; the product form, whose exponents are identified, is preferred
+    pair = [
+        {"task_family": "ocr", "compressor": "quecc", "form": "sum", "holdout_error": 0.132, "r2": 0.71,
+         "identification": "alpha at its bound 3; D at its bound 0"},
+        {"task_family": "ocr", "compressor": "quecc", "form": "product", "holdout_error": 0.164, "r2": 0.69,
+         "identification": "D at its bound 0"},
+    ]
+    mark_preferred(pair)
+    assert [r["preferred"] for r in pair] == [False, True]
+    for row in pair:
+        row["identification"] = "D at its bound 0"  # both identified: the lower holdout error wins
+    mark_preferred(pair)
+    assert [r["preferred"] for r in pair] == [True, False]
 
     law = Law("product", A=1.0, alpha=0.0, beta=EXPONENT_MAX, D=0.0)
     e = np.array([0.2, 0.3])

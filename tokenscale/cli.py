@@ -572,7 +572,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import requests
     from ray import serve
 
-    from tokenscale.fitting.grid_fit import fit_grid
+    from tokenscale.fitting.grid_fit import exponents_identified, fit_grid
     from tokenscale.orchestrator.driver import init_ray, run_grid
     from tokenscale.serve.app import start
 
@@ -607,7 +607,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if r["identification"]:
             print(f"  {'':>10} {'':>16} {'':>8}  -> not identified ({r['identification']})")
         if r["form"] == "product":
-            if any(name in r["identification"] for name in ("alpha", "beta")):
+            if not exponents_identified(r):
                 verdict = "no finding: an exponent is not identified by these points"
             elif max(r["alpha"], r["beta"]) < 1e-3:
                 verdict = "no measurable trend in N or V (flat errors: the law says nothing here)"
