@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import subprocess
 import sys
 
@@ -202,3 +203,18 @@ def test_figure_one_puts_reasoning_beside_ocr():
     assert lines[2].startswith("  LLM l (N=1.11e+05)") and "no answer: budget below" in lines[2]
     assert "1 visual tokens, quecc" in lines[3] and "error 0.120 [0.100, 0.140]" in lines[4]
     assert "chosen in 80% of the draws (product)" in lines[5]
+
+
+def test_the_demo_states_a_finding_only_when_the_ratio_ci_excludes_one():
+    from tokenscale.cli import law_verdict
+
+    row = {"identification": "D at its bound 0", "alpha": 0.273, "beta": 0.004, "ratio_lo": 1.38, "ratio_hi": math.inf}
+    assert law_verdict(row).startswith("LLM size matters more")
+    assert law_verdict(row).endswith("the 90% CI of alpha/beta [1.4, inf] excludes 1")
+    row.update(alpha=0.725, beta=0.424, ratio_lo=0.66, ratio_hi=3.68)
+    assert law_verdict(row) == ("no finding: LLM size matters more (alpha > beta, alpha/beta = 1.7) here, "
+                                "but the 90% CI of alpha/beta [0.66, 3.7] includes 1")
+    row.update(alpha=0.035, beta=0.323, ratio_lo=0.0, ratio_hi=0.53)
+    assert law_verdict(row).startswith("tokens matter more (beta >= alpha)")
+    row["identification"] = "alpha at its bound 3"
+    assert law_verdict(row) == "no finding: an exponent is not identified by these points"

@@ -10,6 +10,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from .store import LAW_N_COLUMNS, Store, StoreError, check_name
 
@@ -568,11 +569,32 @@ def figure_one(answers: dict[str, dict], budget: float) -> list[str]:
     return lines
 
 
+def law_verdict(row: dict[str, Any]) -> str:
+    """What a product-form law row says about LLM size against tokens, as the demo prints it:
+    a finding only where the exponents are identified and the bootstrap 90% CI of alpha/beta
+    excludes 1."""
+    from tokenscale.fitting.grid_fit import exponents_identified
+
+    if not exponents_identified(row):
+        return "no finding: an exponent is not identified by these points"
+    if max(row["alpha"], row["beta"]) < 1e-3:
+        return "no measurable trend in N or V (flat errors: the law says nothing here)"
+    if row["alpha"] > row["beta"]:
+        ratio = f"alpha/beta = {row['alpha'] / row['beta']:.1f}" if row["beta"] > 1e-3 else "beta ~ 0"
+        reading = f"LLM size matters more (alpha > beta, {ratio}); cached-query optimum V* = the smallest budget"
+    else:
+        reading = "tokens matter more (beta >= alpha); cached-query optimum V* = the largest budget"
+    low, high = row["ratio_lo"], row["ratio_hi"]
+    if low <= 1 <= high:
+        return f"no finding: {reading.split(';')[0]} here, but the 90% CI of alpha/beta [{low:.2g}, {high:.2g}] includes 1"
+    return f"{reading}; the 90% CI of alpha/beta [{low:.2g}, {high:.2g}] excludes 1"
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     import requests
     from ray import serve
 
-    from tokenscale.fitting.grid_fit import exponents_identified, fit_grid
+    from tokenscale.fitting.grid_fit import fit_grid
     from tokenscale.orchestrator.driver import init_ray, run_grid
     from tokenscale.serve.app import start
 
@@ -607,16 +629,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if r["identification"]:
             print(f"  {'':>10} {'':>16} {'':>8}  -> not identified ({r['identification']})")
         if r["form"] == "product":
-            if not exponents_identified(r):
-                verdict = "no finding: an exponent is not identified by these points"
-            elif max(r["alpha"], r["beta"]) < 1e-3:
-                verdict = "no measurable trend in N or V (flat errors: the law says nothing here)"
-            elif r["alpha"] > r["beta"]:
-                ratio = f"alpha/beta = {r['alpha'] / r['beta']:.1f}" if r["beta"] > 1e-3 else "beta ~ 0"
-                verdict = f"LLM size matters more (alpha > beta, {ratio}); cached-query optimum V* = the smallest budget"
-            else:
-                verdict = "tokens matter more (beta >= alpha); cached-query optimum V* = the largest budget"
-            print(f"  {'':>10} {'':>16} {'':>8}  -> {verdict}")
+            print(f"  {'':>10} {'':>16} {'':>8}  -> {law_verdict(r)}")
     for line in skipped:
         print(f"  not fitted: {line}")
     for line in heldout_lines(store, grid.name):
