@@ -28,6 +28,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from tokenscale.config import Grid, TrialConfig, check_tracking, grid_to_dict
 from tokenscale.store import Store
+from tokenscale.workers import cpu_kernel_env
 
 from .status import GRID_FILE, TUNE_NAME, load_saved_grid, ray_storage
 
@@ -209,12 +210,16 @@ def init_ray(spare_cpu: bool = True, address: str | None = None) -> None:
         # without the spare unit two such slivers leave 1.98 CPUs, so the second 1-CPU
         # worker would wait for the first trial to end. In-trial trials hold a whole CPU
         # each and need no spare (it would let one more trial train than there are cores).
+        # every process of this Ray (trials, Train workers) computes with the same CPU
+        # kernels on any x86-64 machine (tokenscale.workers.CPU_KERNEL_ENV); a cluster joined
+        # by address keeps its own environment (its trials run on GPUs)
         ray.init(
             address="local",
             num_cpus=(os.cpu_count() or 1) + int(spare_cpu),
             include_dashboard=False,
             log_to_driver=True,
             _node_ip_address="127.0.0.1",
+            runtime_env={"env_vars": cpu_kernel_env()},
         )
 
 

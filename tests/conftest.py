@@ -16,6 +16,12 @@ from pathlib import Path
 
 import pytest
 
+from tokenscale.workers import pin_cpu_kernels
+
+# the test process trains trials in-process and compares them with Ray trials and worker
+# subprocesses, which pin their CPU kernels: this one computes with the same ones
+pin_cpu_kernels()
+
 REPO = Path(__file__).resolve().parent.parent
 
 

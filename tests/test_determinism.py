@@ -86,3 +86,52 @@ def test_the_shared_tower_and_its_features_do_not_depend_on_the_callers_thread_c
     assert state_1.keys() == state_4.keys()
     assert all(torch.equal(state_1[k], state_4[k]) for k in state_1)
     assert features_1.tobytes() == features_4.tobytes()
+
+
+def test_trials_compute_with_the_same_cpu_kernels_on_every_x86_machine(monkeypatch):
+    """The kernels torch picks follow the CPU (MKL's paths differ between AMD and Intel, ATen
+    and oneDNN take AVX-512 where there is one) and change a trial's numbers: the local Ray's
+    processes and the worker CLI pin them to the AVX2 paths, and a value the user set wins."""
+    import platform
+
+    import pytest
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("the pins are x86-64's")
+    import ray
+
+    from tokenscale.orchestrator.driver import init_ray
+    from tokenscale.workers import CPU_KERNEL_ENV, cpu_kernel_env
+
+    monkeypatch.setenv("MKL_CBWR", "COMPATIBLE")
+    assert cpu_kernel_env() == {**CPU_KERNEL_ENV, "MKL_CBWR": "COMPATIBLE"}, "the user's value wins"
+
+    # this process's own pins (conftest) removed: what a trial sees must come from init_ray
+    for key in CPU_KERNEL_ENV:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    init_ray(spare_cpu=False)
+    try:
+        @ray.remote(num_cpus=1)
+        def probe() -> tuple[dict, str]:
+            import os
+
+            import torch
+
+            return {key: os.environ.get(key) for key in CPU_KERNEL_ENV}, torch.backends.cpu.get_cpu_capability()
+
+        env, capability = ray.get(probe.remote())
+    finally:
+        ray.shutdown()
+    assert env == CPU_KERNEL_ENV
+    assert capability == "AVX2"
+
+    done = subprocess.run(
+        [sys.executable, "-c", "import os, sys; sys.argv = ['x', '--help']\n"
+         "from tokenscale.workers.__main__ import main\n"
+         "try:\n    main()\nexcept SystemExit:\n    pass\n"
+         "print(','.join(os.environ.get(k, '') for k in ('MKL_CBWR', 'ATEN_CPU_CAPABILITY', 'ONEDNN_MAX_CPU_ISA')))"],
+        env={k: v for k, v in worker_env().items() if k not in CPU_KERNEL_ENV}, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "AVX2,avx2,AVX2", "the worker CLI pins them before torch"

@@ -26,6 +26,8 @@ import yaml
 
 from tokenscale.config import GridError, TrialConfig, load_grid, parse_trial
 
+from . import pin_cpu_kernels
+
 TABLE_COLUMNS = (
     "benchmark", "task_family", "score", "chance", "n_examples", "llm_params", "llm_params_non_embedding",
     "visual_tokens", "text_tokens_mean", "generated_tokens", "inference_flops", "train_seconds",
@@ -134,6 +136,7 @@ def _train(trial: TrialConfig, args: argparse.Namespace, rank: int, world_size: 
 
 
 def main(argv: list[str] | None = None) -> int:
+    pin_cpu_kernels()  # before torch is imported (in _train)
     args = parser().parse_args(argv)
     try:
         trial = select_trial(args.config, args.trial)

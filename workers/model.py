@@ -103,7 +103,10 @@ _LABEL_CLASSES = (len(benchmarks.INK) + 1, len(benchmarks.SHAPES) + 1, len(bench
 def _pretrain_key(spec: VisionSpec, data_seed: int) -> str:
     # what the tower's pretraining depends on (not how its tokens are normalised or whether it stays frozen)
     fields = spec.model_dump(mode="json", exclude={"path", "freeze", "token_norm"})
-    blob = json.dumps({"vision": fields, "data_seed": data_seed, "generator": benchmarks.GENERATOR_VERSION}, sort_keys=True)
+    # the thread count it is built with is part of what it is (a tower cached before it was fixed
+    # was built with the building trial's own count: a new key leaves such files unread)
+    blob = json.dumps({"vision": fields, "data_seed": data_seed, "generator": benchmarks.GENERATOR_VERSION,
+                       "threads": SHARED_CACHE_THREADS}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
