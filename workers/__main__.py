@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -161,5 +162,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def exit_process(code: int) -> None:
+    """Leave with `code`. Under torchrun, without the interpreter's teardown: a gloo or
+    DeepSpeed thread still joinable when C++ statics are destroyed aborts a rank after its
+    work is done and written ("terminate called without an active exception", exit -6, seen
+    on rank 1 after the barrier above), and torchrun then reports the whole job failed."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())
