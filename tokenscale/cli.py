@@ -581,13 +581,13 @@ def law_verdict(row: dict[str, Any]) -> str:
         return "no measurable trend in N or V (flat errors: the law says nothing here)"
     if row["alpha"] > row["beta"]:
         ratio = f"alpha/beta = {row['alpha'] / row['beta']:.1f}" if row["beta"] > 1e-3 else "beta ~ 0"
-        reading = f"LLM size matters more (alpha > beta, {ratio}); cached-query optimum V* = the smallest budget"
+        direction, optimum = f"LLM size matters more (alpha > beta, {ratio})", "smallest"
     else:
-        reading = "tokens matter more (beta >= alpha); cached-query optimum V* = the largest budget"
-    low, high = row["ratio_lo"], row["ratio_hi"]
-    if low <= 1 <= high:
-        return f"no finding: {reading.split(';')[0]} here, but the 90% CI of alpha/beta [{low:.2g}, {high:.2g}] includes 1"
-    return f"{reading}; the 90% CI of alpha/beta [{low:.2g}, {high:.2g}] excludes 1"
+        direction, optimum = "tokens matter more (beta >= alpha)", "largest"
+    interval = f"the 90% CI of alpha/beta [{row['ratio_lo']:.2g}, {row['ratio_hi']:.2g}]"
+    if row["ratio_lo"] <= 1 <= row["ratio_hi"]:
+        return f"no finding: {direction} here, but {interval} includes 1"
+    return f"{direction}; cached-query optimum V* = the {optimum} budget; {interval} excludes 1"
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
