@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from scipy.stats import chi2
 
 from tokenscale.costs import FORMS
 from tokenscale.store import LAW_N_COLUMNS, Store
@@ -54,6 +55,59 @@ def law_points(
     return points
 
 
+# A family is flat when a constant explains its points as well as their eval noise allows:
+# the chi-square of the constant (weighted mean) against that noise is not significant at
+# this level. The law's exponents then rank the grid by noise, not by N or V.
+FLAT_P = 0.05
+
+
+def eval_noise(results: pa.Table, n_column: str = N_COLUMN) -> dict[tuple[str, str], np.ndarray | None]:
+    """(task_family, compressor) -> the eval-noise variance of each `law_points` point (same
+    order), or None where a row has no `n_examples`.
+
+    A score in [0, 1] with mean p over n examples has variance at most p(1-p)/n (Bhatia-
+    Davis; exactly so for exact match), taken per (point, benchmark). Seeds share one eval
+    set, so their noise is correlated: their variances are averaged, not divided by the
+    number of seeds (an upper bound). Benchmarks have their own eval sets: the point,
+    a mean over B of them, has the sum of their variances / B^2. Training noise across
+    seeds is not in it, which can only make a family look less flat than it is."""
+    error = pc.max_element_wise(pc.min_element_wise(pc.cast(results["error"], pa.float64()), 1.0), 0.0)
+    n_examples = pc.cast(results["n_examples"], pa.float64())
+    per_row = pc.divide(pc.multiply(error, pc.subtract(1.0, error)), n_examples)
+    table = pa.table({
+        "task_family": results["task_family"], "compressor": results["compressor"], "n": results[n_column],
+        "visual_tokens": results["visual_tokens"], "benchmark": results["benchmark"], "var": per_row,
+        "valid": pc.fill_null(pc.greater(n_examples, 0.0), False),
+    })
+    keys = ["task_family", "compressor", "n", "visual_tokens"]
+    per_benchmark = table.group_by([*keys, "benchmark"], use_threads=False).aggregate([("var", "mean"), ("valid", "all")])
+    grouped = per_benchmark.group_by(keys, use_threads=False).aggregate(
+        [("var_mean", "sum"), ("var_mean", "count"), ("valid_all", "all")]
+    ).sort_by([("n", "ascending"), ("visual_tokens", "ascending")])
+    noise: dict[tuple[str, str], np.ndarray | None] = {}
+    for key in {(f, c) for f, c in zip(grouped["task_family"].to_pylist(), grouped["compressor"].to_pylist(), strict=True)}:
+        part = grouped.filter(pc.and_(pc.equal(grouped["task_family"], key[0]), pc.equal(grouped["compressor"], key[1])))
+        if not all(part["valid_all_all"].to_pylist()):
+            noise[key] = None
+            continue
+        count = part["var_mean_count"].to_numpy().astype(float)
+        noise[key] = part["var_mean_sum"].to_numpy().astype(float) / count**2
+    return noise
+
+
+def flatness(e: np.ndarray, variance: np.ndarray | None) -> tuple[float, int, float] | None:
+    """(chi2, dof, p) of a constant error against the points' eval-noise variances: a large p
+    says the points vary no more than their noise (None without the variances, or where a
+    variance is 0, as for a score of exactly 0 or 1 everywhere)."""
+    if variance is None or len(e) < 2 or not np.all(variance > 0):
+        return None
+    weight = 1.0 / variance
+    mean = float(np.sum(weight * e) / np.sum(weight))
+    statistic = float(np.sum(weight * (e - mean) ** 2))
+    dof = len(e) - 1
+    return statistic, dof, float(chi2.sf(statistic, dof))
+
+
 def fit_grid(
     store: Store,
     grid: str,
@@ -89,7 +143,9 @@ def fit_grid(
         raise FitError(f"every LLM with results in grid {grid!r} is held out ({', '.join(sorted(holdout_llms))}): none left to fit")
     rows, draws, skipped, heldout = [], [], [], []
     now = datetime.now(timezone.utc)
+    noise = eval_noise(results, n_column)
     for (family, compressor), (n, v, e) in sorted(law_points(results, n_column).items()):
+        flat = flatness(e, noise.get((family, compressor)))
         for form in FORMS:
             try:
                 law = replace(fit_law(n, v, e, form, loss=loss), llm_params_column=n_column)
@@ -98,7 +154,7 @@ def fit_grid(
                 continue
             ci = bootstrap_law(n, v, e, form, law=law, resamples=resamples, level=level, seed=seed, loss=loss)
             holdout = holdout_error(n, v, e, form, loss=loss)
-            rows.append(law_row(grid, family, compressor, law, n, v, now, ci=ci, holdout=holdout, e=e))
+            rows.append(law_row(grid, family, compressor, law, n, v, now, ci=ci, holdout=holdout, e=e, flat=flat))
             draws.extend(draw_rows(grid, family, compressor, ci, now))
             for llm, n_held, v_held, observed in heldout_points.get((family, compressor), []):
                 low, high = ci.error_interval(np.array([n_held]), np.array([v_held]))
@@ -141,10 +197,11 @@ def mark_preferred(rows: list[dict]) -> None:
             row["preferred"] = row is best
 
 
-def identification(law: Law, ci: LawCI | None, e: np.ndarray) -> str:
+def identification(law: Law, ci: LawCI | None, e: np.ndarray, flat: tuple[float, int, float] | None = None) -> str:
     """Why the law's parameters are not identified by the data ("" when they are): an
     exponent or D at a bound of the fit (0 or EXPONENT_MAX; D at 0 or at the smallest
-    error), an exponent whose bootstrap CI spans nearly the whole [0, EXPONENT_MAX] box."""
+    error), an exponent whose bootstrap CI spans nearly the whole [0, EXPONENT_MAX] box,
+    or points that are flat (`flatness`: p >= FLAT_P), whatever the exponents came out as."""
     notes = []
     for name, value in (("alpha", law.alpha), ("beta", law.beta)):
         if value <= 1e-6:
@@ -159,6 +216,12 @@ def identification(law: Law, ci: LawCI | None, e: np.ndarray) -> str:
         for name, (low, high) in (("alpha", ci.alpha), ("beta", ci.beta)):
             if high - low >= 0.9 * EXPONENT_MAX:
                 notes.append(f"{name}'s CI [{low:.2g}, {high:.2g}] spans the whole box")
+    if flat is not None and flat[2] >= FLAT_P:
+        statistic, dof, p = flat
+        notes.append(
+            f"flat: the error varies no more than its eval noise (chi2 {statistic:.1f} on {dof} dof, p = {p:.2f}), "
+            "so neither alpha nor beta is identified"
+        )
     return "; ".join(notes)
 
 
@@ -203,8 +266,9 @@ def law_row(
     ci: LawCI | None = None,
     holdout: float = float("nan"),
     e: np.ndarray | None = None,
+    flat: tuple[float, int, float] | None = None,
 ) -> dict:
-    """One laws-parquet row (LAW_SCHEMA)."""
+    """One laws-parquet row (LAW_SCHEMA); `flat` is the points' `flatness`."""
     nan = float("nan")
     intervals = ci.to_dict() if ci is not None else {
         "ci_level": nan, "alpha_lo": nan, "alpha_hi": nan, "beta_lo": nan, "beta_hi": nan,
@@ -242,6 +306,6 @@ def law_row(
         "ci_seed": intervals["ci_seed"],
         "loss": law.loss,
         "llm_params_column": law.llm_params_column,
-        "identification": identification(law, ci, e) if e is not None else "",
+        "identification": identification(law, ci, e, flat) if e is not None else "",
         "preferred": False,  # set over the group by mark_preferred
     }

@@ -10,6 +10,7 @@ import zlib
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from synthetic import synthetic_row
@@ -687,3 +688,49 @@ def test_laws_say_when_they_are_not_identified_and_which_form_fits_better(tmp_pa
     fine = Law("product", A=1.0, alpha=0.2, beta=0.1, D=0.05)
     assert identification(fine, ci, e) == "alpha's CI [0, 2.9] spans the whole box"
     assert identification(Law("product", A=1.0, alpha=0.2, beta=0.1, D=0.2), None, e) == "D at its bound (the smallest error)"
+
+
+def test_a_flat_family_is_reported_flat_not_as_a_finding(tmp_path):
+    """Points that vary only by their eval noise (binomial scores of 500 examples around one
+    error) are flat: not identified and no finding, whatever exponents the fit gives them;
+    a family with a real trend under the same noise is not flat."""
+    from tokenscale.cli import law_verdict
+    from tokenscale.fitting.grid_fit import eval_noise, exponents_identified, flatness
+
+    store = Store.open(str(tmp_path / "store"))
+    rng = np.random.default_rng(7)
+    trend = Law("product", A=0.8, alpha=0.02, beta=0.25, D=0.05)
+    for (llm, n), v in itertools.product([("s", 5e8), ("m", 1.8e9), ("l", 4e9), ("xl", 7e9)], [1, 4, 16, 64]):
+        rows = []
+        for family, bench in (("reasoning", "r1"), ("reasoning", "r2"), ("ocr", "o1")):
+            true_error = 0.18 if family == "reasoning" else float(trend.predict(n, v))
+            rows.append(synthetic_row(
+                grid="g", llm=llm, llm_params=int(n), visual_tokens=v, compressor="avgpool", benchmark=bench,
+                task_family=family, error=rng.binomial(500, true_error) / 500, n_examples=500,
+            ))
+        store.write_results("g", "avgpool", f"{llm}-{v}", rows)
+    results = store.read_results("g")
+    noise = eval_noise(results)
+    n, v, e = law_points(results)[("reasoning", "avgpool")]
+    assert noise[("reasoning", "avgpool")].shape == e.shape
+    # two benchmarks of 500 examples: (p1 q1 / 500 + p2 q2 / 500) / 2^2
+    first = results.filter(pc.equal(results["llm"], "s")).to_pylist()
+    r1, r2 = (next(r for r in first if r["benchmark"] == b and r["visual_tokens"] == 1) for b in ("r1", "r2"))
+    expected = (r1["error"] * (1 - r1["error"]) + r2["error"] * (1 - r2["error"])) / 500 / 4
+    assert noise[("reasoning", "avgpool")][0] == pytest.approx(expected, rel=1e-12)
+
+    statistic, dof, p = flatness(e, noise[("reasoning", "avgpool")])
+    assert dof == 15 and p >= 0.05
+    n_ocr, v_ocr, e_ocr = law_points(results)[("ocr", "avgpool")]
+    assert flatness(e_ocr, noise[("ocr", "avgpool")])[2] < 1e-6
+    assert flatness(e, None) is None and flatness(e, np.zeros_like(e)) is None
+
+    rows, _ = fit_grid(store, "g", resamples=40)
+    product = {r["task_family"]: r for r in rows if r["form"] == "product"}
+    for row in (r for r in rows if r["task_family"] == "reasoning"):
+        assert "flat: the error varies no more than its eval noise" in row["identification"]
+        assert f"p = {p:.2f}" in row["identification"]
+        assert not exponents_identified(row)
+    assert law_verdict(product["reasoning"]).startswith("no finding: flat: the error varies no more than its eval noise")
+    assert "flat" not in product["ocr"]["identification"]
+    assert law_verdict(product["ocr"]).startswith("tokens matter more")

@@ -571,12 +571,13 @@ def figure_one(answers: dict[str, dict], budget: float) -> list[str]:
 
 def law_verdict(row: dict[str, Any]) -> str:
     """What a product-form law row says about LLM size against tokens, as the demo prints it:
-    a finding only where the exponents are identified and the bootstrap 90% CI of alpha/beta
-    excludes 1."""
+    a finding only where the exponents are identified (the points not flat among them) and
+    the bootstrap 90% CI of alpha/beta excludes 1."""
     from tokenscale.fitting.grid_fit import exponents_identified
 
     if not exponents_identified(row):
-        return "no finding: an exponent is not identified by these points"
+        flat = [note for note in row["identification"].split("; ") if note.startswith("flat: ")]
+        return "no finding: " + (flat[0] if flat else "an exponent is not identified by these points")
     if max(row["alpha"], row["beta"]) < 1e-3:
         return "no measurable trend in N or V (flat errors: the law says nothing here)"
     if row["alpha"] > row["beta"]:
