@@ -203,6 +203,12 @@ def test_figure_one_puts_reasoning_beside_ocr():
     assert lines[2].startswith("  LLM l (N=1.11e+05)") and "no answer: budget below" in lines[2]
     assert "1 visual tokens, quecc" in lines[3] and "error 0.120 [0.100, 0.140]" in lines[4]
     assert "chosen in 80% of the draws (product)" in lines[5]
+    assert len(lines) == 6
+    # an answer from a flat law says so under it; the other column stays empty
+    flat = figure_one(answers, 3.3e6, flat={("reasoning", "quecc")})
+    assert flat[:6] == lines and flat[6].strip() == "flat law: any (N, V) is as good"
+    assert flat[6].startswith("  flat law") and len(flat) == 7
+    assert len(figure_one(answers, 3.3e6, flat={("reasoning", "avgpool")})) == 6
 
 
 def test_the_demo_states_a_finding_only_when_the_ratio_ci_excludes_one():

@@ -731,6 +731,8 @@ def test_a_flat_family_is_reported_flat_not_as_a_finding(tmp_path):
         assert "flat: the error varies no more than its eval noise" in row["identification"]
         assert f"p = {p:.2f}" in row["identification"]
         assert not exponents_identified(row)
-    assert law_verdict(product["reasoning"]).startswith("no finding: flat: the error varies no more than its eval noise")
+    assert law_verdict(product["reasoning"]) == (
+        "no finding: the errors are flat, within their eval noise: the law ranks no (N, V) above another"
+    )
     assert "flat" not in product["ocr"]["identification"]
     assert law_verdict(product["ocr"]).startswith("tokens matter more")

@@ -9,6 +9,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -543,10 +544,12 @@ def learning_report(store: Store, grid: str, alpha: float = 0.001) -> tuple[list
     return lines, unlearned
 
 
-def figure_one(answers: dict[str, dict], budget: float) -> list[str]:
+def figure_one(answers: dict[str, dict], budget: float, flat: Collection[tuple[str, str]] = ()) -> list[str]:
     """The paper's Figure 1 as text: at one inference budget, the compute-optimal choice for
     reasoning beside the one for OCR (a bigger LLM with few tokens against more tokens),
-    each with its predicted error, 90% CI and the share of bootstrap draws choosing it."""
+    each with its predicted error, 90% CI and the share of bootstrap draws choosing it.
+    An answer from a (task, compressor) in `flat` (its errors within their eval noise) says
+    so under it: any other (N, V) would do as well."""
     width = 40
     lines = [f"  at {budget:.3g} FLOPs per query (cached query, Q = 0):", "  " + "".join(f"{t:<{width}}" for t in answers)]
 
@@ -566,6 +569,9 @@ def figure_one(answers: dict[str, dict], budget: float) -> list[str]:
 
     for key in ("llm", "tokens", "error", "share"):
         lines.append("  " + "".join(f"{cell(a, key):<{width}}" for a in answers.values()))
+    notes = ["flat law: any (N, V) is as good" if (task, a.get("compressor")) in flat else "" for task, a in answers.items()]
+    if any(notes):
+        lines.append("  " + "".join(f"{note:<{width}}" for note in notes))
     return lines
 
 
@@ -576,8 +582,9 @@ def law_verdict(row: dict[str, Any]) -> str:
     from tokenscale.fitting.grid_fit import exponents_identified
 
     if not exponents_identified(row):
-        flat = [note for note in row["identification"].split("; ") if note.startswith("flat: ")]
-        return "no finding: " + (flat[0] if flat else "an exponent is not identified by these points")
+        if any(note.startswith("flat: ") for note in row["identification"].split("; ")):
+            return "no finding: the errors are flat, within their eval noise: the law ranks no (N, V) above another"
+        return "no finding: an exponent is not identified by these points"
     if max(row["alpha"], row["beta"]) < 1e-3:
         return "no measurable trend in N or V (flat errors: the law says nothing here)"
     if row["alpha"] > row["beta"]:
@@ -657,7 +664,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         for task in ("reasoning", "ocr"):
             reply = requests.get(f"{url}/optimal", params={"flops": budget, "text_tokens": 0, "task": task}, timeout=30)
             answers[task] = reply.json() if reply.status_code == 200 else {"error": reply.text}
-        for line in figure_one(answers, budget):
+        flat = {(r["task_family"], r["compressor"]) for r in rows if r["preferred"] and "flat: " in r["identification"]}
+        for line in figure_one(answers, budget, flat):
             print(line)
     finally:
         serve.shutdown()
