@@ -61,37 +61,43 @@ def law_points(
 FLAT_P = 0.05
 
 
-def eval_noise(results: pa.Table, n_column: str = N_COLUMN) -> dict[tuple[str, str], np.ndarray | None]:
-    """(task_family, compressor) -> the eval-noise variance of each `law_points` point (same
-    order), or None where a row has no `n_examples`.
+def eval_variance(results: pa.Table, point: list[str]) -> dict[tuple, float | None]:
+    """The eval-noise variance of each point, a point being one value of the `point` columns
+    (its error the mean over its rows), keyed by that value; None where a row of it has no
+    `n_examples`.
 
     A score in [0, 1] with mean p over n examples has variance at most p(1-p)/n (Bhatia-
     Davis; exactly so for exact match), taken per (point, benchmark). Seeds share one eval
     set, so their noise is correlated: their variances are averaged, not divided by the
     number of seeds (an upper bound). Benchmarks have their own eval sets: the point,
     a mean over B of them, has the sum of their variances / B^2. Training noise across
-    seeds is not in it, which can only make a family look less flat than it is."""
+    seeds is not in it."""
     error = pc.max_element_wise(pc.min_element_wise(pc.cast(results["error"], pa.float64()), 1.0), 0.0)
     n_examples = pc.cast(results["n_examples"], pa.float64())
-    per_row = pc.divide(pc.multiply(error, pc.subtract(1.0, error)), n_examples)
     table = pa.table({
-        "task_family": results["task_family"], "compressor": results["compressor"], "n": results[n_column],
-        "visual_tokens": results["visual_tokens"], "benchmark": results["benchmark"], "var": per_row,
+        **{column: results[column] for column in point}, "benchmark": results["benchmark"],
+        "var": pc.divide(pc.multiply(error, pc.subtract(1.0, error)), n_examples),
         "valid": pc.fill_null(pc.greater(n_examples, 0.0), False),
     })
-    keys = ["task_family", "compressor", "n", "visual_tokens"]
-    per_benchmark = table.group_by([*keys, "benchmark"], use_threads=False).aggregate([("var", "mean"), ("valid", "all")])
-    grouped = per_benchmark.group_by(keys, use_threads=False).aggregate(
+    per_benchmark = table.group_by([*point, "benchmark"], use_threads=False).aggregate([("var", "mean"), ("valid", "all")])
+    grouped = per_benchmark.group_by(point, use_threads=False).aggregate(
         [("var_mean", "sum"), ("var_mean", "count"), ("valid_all", "all")]
-    ).sort_by([("n", "ascending"), ("visual_tokens", "ascending")])
+    )
+    return {
+        tuple(row[c] for c in point): row["var_mean_sum"] / row["var_mean_count"] ** 2 if row["valid_all_all"] else None
+        for row in grouped.to_pylist()
+    }
+
+
+def eval_noise(results: pa.Table, n_column: str = N_COLUMN) -> dict[tuple[str, str], np.ndarray | None]:
+    """(task_family, compressor) -> the eval-noise variance (`eval_variance`) of each
+    `law_points` point, in its order; None where a point has none. Leaving training noise
+    out can only make a family look less flat than it is."""
+    variance = eval_variance(results, ["task_family", "compressor", n_column, "visual_tokens"])
     noise: dict[tuple[str, str], np.ndarray | None] = {}
-    for key in {(f, c) for f, c in zip(grouped["task_family"].to_pylist(), grouped["compressor"].to_pylist(), strict=True)}:
-        part = grouped.filter(pc.and_(pc.equal(grouped["task_family"], key[0]), pc.equal(grouped["compressor"], key[1])))
-        if not all(part["valid_all_all"].to_pylist()):
-            noise[key] = None
-            continue
-        count = part["var_mean_count"].to_numpy().astype(float)
-        noise[key] = part["var_mean_sum"].to_numpy().astype(float) / count**2
+    for key, (n, v, _) in law_points(results, n_column).items():
+        values = [variance[(*key, int(n_i), int(v_i))] for n_i, v_i in zip(n, v, strict=True)]
+        noise[key] = None if any(x is None for x in values) else np.array(values, dtype=float)
     return noise
 
 

@@ -641,6 +641,22 @@ def test_held_out_llm_is_left_out_of_the_fit_and_checked_against_it(tmp_path):
     assert count == [(20, 1)]
     lines = heldout_lines(store, "g")
     assert len(lines) == 20 and lines[0].startswith("held out xl (N=7e+09) ocr/avgpool V=1: observed ")
+    # the observation's own eval noise (2 benchmarks of 100 examples here) widens the judgement,
+    # not the law's interval: just outside the interval but within 1.645 sd is inside once allowed
+    from tokenscale.fitting.grid_fit import eval_variance
+
+    variance = eval_variance(store.read_results("g"), ["task_family", "compressor", "llm", "visual_tokens"])
+    moved = [dict(r) for r in held]
+    first, second = (r for r in moved if r["form"] == "product" and r["task_family"] == "ocr" and r["visual_tokens"] in (1, 4)
+                     and r["compressor"] == "avgpool")
+    for row, sds in ((first, 0.5), (second, 2.0)):
+        slack = 1.645 * variance[("ocr", "avgpool", "xl", row["visual_tokens"])] ** 0.5
+        row["observed_error"] = row["predicted_hi"] + sds * slack
+    store.write_heldout("g", moved)
+    judged = {line.split(":")[0]: line for line in heldout_lines(store, "g")}
+    assert "inside the interval once its eval noise, +-0.0" in judged["held out xl (N=7e+09) ocr/avgpool V=1"]
+    assert "OUTSIDE the interval, even with its eval noise (+-0.0" in judged["held out xl (N=7e+09) ocr/avgpool V=4"]
+    assert len(judged) == 20
     # a refit without holdouts fits all four LLMs and leaves no stale comparison behind
     rows, _ = fit_grid(store, "g", resamples=20)
     assert all(r["n_points"] == 4 * 5 for r in rows) and store.read_heldout("g").num_rows == 0
