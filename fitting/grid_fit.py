@@ -89,13 +89,16 @@ def eval_variance(results: pa.Table, point: list[str]) -> dict[tuple, float | No
     }
 
 
-def eval_noise(results: pa.Table, n_column: str = N_COLUMN) -> dict[tuple[str, str], np.ndarray | None]:
+def eval_noise(
+    results: pa.Table, n_column: str = N_COLUMN, points: dict[tuple[str, str], tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
+) -> dict[tuple[str, str], np.ndarray | None]:
     """(task_family, compressor) -> the eval-noise variance (`eval_variance`) of each
-    `law_points` point, in its order; None where a point has none. Leaving training noise
-    out can only make a family look less flat than it is."""
+    `law_points` point, in its order (`points`: those already computed from `results`);
+    None where a point has none. Leaving training noise out can only make a family look
+    less flat than it is."""
     variance = eval_variance(results, ["task_family", "compressor", n_column, "visual_tokens"])
     noise: dict[tuple[str, str], np.ndarray | None] = {}
-    for key, (n, v, _) in law_points(results, n_column).items():
+    for key, (n, v, _) in (points if points is not None else law_points(results, n_column)).items():
         values = [variance[(*key, int(n_i), int(v_i))] for n_i, v_i in zip(n, v, strict=True)]
         noise[key] = None if any(x is None for x in values) else np.array(values, dtype=float)
     return noise
@@ -149,8 +152,9 @@ def fit_grid(
         raise FitError(f"every LLM with results in grid {grid!r} is held out ({', '.join(sorted(holdout_llms))}): none left to fit")
     rows, draws, skipped, heldout = [], [], [], []
     now = datetime.now(timezone.utc)
-    noise = eval_noise(results, n_column)
-    for (family, compressor), (n, v, e) in sorted(law_points(results, n_column).items()):
+    points = law_points(results, n_column)
+    noise = eval_noise(results, n_column, points)
+    for (family, compressor), (n, v, e) in sorted(points.items()):
         flat = flatness(e, noise.get((family, compressor)))
         for form in FORMS:
             try:
@@ -183,6 +187,11 @@ def exponents_identified(row: dict) -> bool:
     """Whether a law row's exponents are identified by its points: neither alpha nor beta at a
     bound of the fit nor with a CI spanning the box (D at a bound alone leaves them readable)."""
     return not any(name in row["identification"] for name in ("alpha", "beta"))
+
+
+def is_flat(row: dict) -> bool:
+    """Whether a law row's points are flat (`flatness`), as its `identification` records it."""
+    return any(note.startswith("flat: ") for note in row["identification"].split("; "))
 
 
 def mark_preferred(rows: list[dict]) -> None:

@@ -600,10 +600,10 @@ def law_verdict(row: dict[str, Any]) -> str:
     """What a product-form law row says about LLM size against tokens, as the demo prints it:
     a finding only where the exponents are identified (the points not flat among them) and
     the bootstrap 90% CI of alpha/beta excludes 1."""
-    from tokenscale.fitting.grid_fit import exponents_identified
+    from tokenscale.fitting.grid_fit import exponents_identified, is_flat
 
     if not exponents_identified(row):
-        if any(note.startswith("flat: ") for note in row["identification"].split("; ")):
+        if is_flat(row):
             return "no finding: the errors are flat, within their eval noise: the law ranks no (N, V) above another"
         return "no finding: an exponent is not identified by these points"
     if max(row["alpha"], row["beta"]) < 1e-3:
@@ -623,7 +623,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import requests
     from ray import serve
 
-    from tokenscale.fitting.grid_fit import fit_grid
+    from tokenscale.fitting.grid_fit import fit_grid, is_flat
     from tokenscale.orchestrator.driver import init_ray, run_grid
     from tokenscale.serve.app import start
 
@@ -685,7 +685,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         for task in ("reasoning", "ocr"):
             reply = requests.get(f"{url}/optimal", params={"flops": budget, "text_tokens": 0, "task": task}, timeout=30)
             answers[task] = reply.json() if reply.status_code == 200 else {"error": reply.text}
-        flat = {(r["task_family"], r["compressor"]) for r in rows if r["preferred"] and "flat: " in r["identification"]}
+        flat = {(r["task_family"], r["compressor"]) for r in rows if r["preferred"] and is_flat(r)}
         for line in figure_one(answers, budget, flat):
             print(line)
     finally:
