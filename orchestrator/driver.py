@@ -34,6 +34,16 @@ from .status import GRID_FILE, TUNE_NAME, load_saved_grid, ray_storage
 
 KEEP_CHECKPOINTS = 2  # a trial's last two checkpoints: the newest may be cut short by a kill
 
+# How often Ray Train's controller polls its workers (Train V2 reads it from the environment of
+# the process that calls `fit` and passes it on). A worker's `train.report` waits until the
+# controller has taken its previous report off a one-deep queue, which it does only when it
+# polls (default every 2 s): a worker then reports at most once per poll. Measured here (a tiny
+# trial, one gloo worker, `report_every: 10`): 2.0 s per 10 steps at the default, against
+# ~0.2 s for the same steps in the Tune trial's own process. Polling 8x as often costs the
+# controller one small RPC per worker per poll; it also notices a dead worker sooner.
+TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+TRAIN_POLL_SECONDS = 0.25
+
 
 def _tune_trial_name(trial: Any) -> str:
     """Tune's name (and directory) of a trial: the grid point's TrialConfig.trial_id,
@@ -135,6 +145,7 @@ def run_trial(config: dict[str, Any]) -> None:
     if resources["execution"] == "in_trial":
         train_in_trial(loop_config)
     else:
+        os.environ.setdefault(TRAIN_POLL_ENV, str(TRAIN_POLL_SECONDS))  # a user's own setting wins
         storage_path, storage_fs = ray_storage(config["ray_storage"].rstrip("/") + "/train")
         trainer = TorchTrainer(
             ray_train_worker,
