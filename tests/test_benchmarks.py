@@ -118,3 +118,32 @@ def test_clevr_questions_are_left_padded_to_the_longest():
     lengths = (split.questions != pad).sum(axis=1)
     assert lengths.max() == split.questions.shape[1] and lengths.min() < lengths.max()
     assert ((split.questions == pad).cumprod(axis=1).sum(axis=1) == split.questions.shape[1] - lengths).all()
+
+
+def test_recall_answers_the_objects_colour_from_a_fixed_table():
+    """recall: the question names a relation and never the colour; the answer is the table's
+    fact for the colour drawn (read back from the image's ink labels); each relation maps the
+    colours one-to-one onto the answers, so no answer is more frequent than another."""
+    from tokenscale.workers.benchmarks import (
+        COLORS,
+        RECALL_ANSWERS,
+        RECALL_RELATIONS,
+        RECALL_TABLE,
+        TOKEN_ID,
+    )
+
+    for relation in RECALL_RELATIONS:
+        assert sorted(RECALL_TABLE[(relation, color)] for color in COLORS) == sorted(RECALL_ANSWERS)
+    assert len({tuple(RECALL_TABLE[(r, c)] for c in COLORS) for r in RECALL_RELATIONS}) == len(RECALL_RELATIONS)
+    split = generate("recall", "eval", 300, seed=3, image_size=24)
+    words = {i: w for w, i in TOKEN_ID.items()}
+    relations_seen = set()
+    for question, answer, labels in zip(split.questions, split.answers, split.labels, strict=True):
+        text = [words[int(t)] for t in question if words[int(t)] != "<pad>"]
+        assert not set(text) & set(COLORS), "the question must not name the colour"
+        relation = text[1]
+        relations_seen.add(relation)
+        ink = np.unique(labels[0][labels[0] > 0])
+        (color,) = [INK[i - 1] for i in ink]
+        assert words[int(answer[0])] == RECALL_TABLE[(relation, color)]
+    assert relations_seen == set(RECALL_RELATIONS)
