@@ -340,12 +340,22 @@ CLEVR_CHANCE = (1 / len(COLORS) + 1 / len(CLEVR_SHAPES) + 2 / len(CLEVR_COUNTS) 
 
 RECALL_RELATIONS = ("king", "river", "star", "song", "city", "bird", "stone", "ship")
 RECALL_ANSWERS = ("apple", "bell", "coin", "drum", "egg", "flag")
-RECALL_TABLE: dict[tuple[str, str], str] = {
-    (relation, color): RECALL_ANSWERS[index]
-    for relation, order in zip(RECALL_RELATIONS, np.random.default_rng(2411_03312).permuted(
-        np.tile(np.arange(len(RECALL_ANSWERS)), (len(RECALL_RELATIONS), 1)), axis=1), strict=True)
-    for color, index in zip(COLORS, order, strict=True)
-}
+
+
+def _recall_table(seed: int = 2411_03312) -> dict[tuple[str, str], str]:
+    """(relation, colour) -> answer: each relation a permutation of the answers over the
+    colours, drawn once from a fixed seed (the paper's arXiv number)."""
+    orders = np.random.default_rng(seed).permuted(
+        np.tile(np.arange(len(RECALL_ANSWERS)), (len(RECALL_RELATIONS), 1)), axis=1
+    )
+    return {
+        (relation, color): RECALL_ANSWERS[index]
+        for relation, order in zip(RECALL_RELATIONS, orders, strict=True)
+        for color, index in zip(COLORS, order, strict=True)
+    }
+
+
+RECALL_TABLE = _recall_table()
 
 
 def _recall(rng: np.random.Generator, size: int):
