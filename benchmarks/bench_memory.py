@@ -201,7 +201,12 @@ class CpuMeter:
             f.write("5")
 
     def peak(self) -> int:
-        return self._status("VmHWM")
+        # Every reading is folded into `overall`: VmHWM is max(the kernel's high-water mark,
+        # RSS now), and the mark is updated lazily, so a later reading can come out below an
+        # earlier one (seen: 119 kB below a step's peak), and `overall` must bound them all.
+        value = self._status("VmHWM")
+        self.overall = max(self.overall, value)
+        return value
 
 
 class CudaMeter:
