@@ -325,7 +325,7 @@ def run_child(spec: dict) -> dict:
         steps.append(row)
     out["steps"] = steps
     out["end"] = meter.now()
-    if not cuda:  # the process's peak since it started (ru_maxrss, in kB on Linux, across the resets)
+    if not cuda:  # the process's peak since it started: ru_maxrss (kB on Linux) and every VmHWM read, across the resets
         meter.reset()
         out["ru_maxrss"] = meter.overall
     if cuda:

@@ -145,7 +145,9 @@ def run_trial(config: dict[str, Any]) -> None:
     if resources["execution"] == "in_trial":
         train_in_trial(loop_config)
     else:
-        os.environ.setdefault(TRAIN_POLL_ENV, str(TRAIN_POLL_SECONDS))  # a user's own setting wins
+        # a value already in the trial process's environment wins (a local Ray inherits the
+        # driver's; on a cluster, set it in the job's runtime_env env_vars)
+        os.environ.setdefault(TRAIN_POLL_ENV, str(TRAIN_POLL_SECONDS))
         storage_path, storage_fs = ray_storage(config["ray_storage"].rstrip("/") + "/train")
         trainer = TorchTrainer(
             ray_train_worker,

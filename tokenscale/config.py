@@ -34,7 +34,7 @@ from pydantic import (
 from tokenscale import compressors
 from tokenscale.costs import inference_flops, training_flops
 from tokenscale.store import check_name
-from tokenscale.workers.benchmarks import BENCHMARKS, VOCAB
+from tokenscale.workers.benchmarks import BENCHMARKS, GENERATOR_VERSION, VOCAB
 
 TASK_FAMILIES = ("reasoning", "ocr")
 
@@ -388,6 +388,9 @@ class TrialConfig(Model):
         # fields added after results were stored hash as before while they are unset
         if raw["data"]["llava"] is None:
             del raw["data"]["llava"]
+            # generated benchmarks: what their generator draws, and the vocabulary it encodes
+            # with (its size shapes every embedded LLM), are part of what the trial computes
+            raw["data"]["generator"] = GENERATOR_VERSION
         else:
             raw["data"]["llava"].pop("loader_workers", None)  # how the data is read, not what
         if raw["llm"]["params"] is None:

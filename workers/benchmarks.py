@@ -342,20 +342,24 @@ RECALL_RELATIONS = ("king", "river", "star", "song", "city", "bird", "stone", "s
 RECALL_ANSWERS = ("apple", "bell", "coin", "drum", "egg", "flag")
 
 
-def _recall_table(seed: int = 2411_03312) -> dict[tuple[str, str], str]:
-    """(relation, colour) -> answer: each relation a permutation of the answers over the
-    colours, drawn once from a fixed seed (the paper's arXiv number)."""
-    orders = np.random.default_rng(seed).permuted(
-        np.tile(np.arange(len(RECALL_ANSWERS)), (len(RECALL_RELATIONS), 1)), axis=1
-    )
-    return {
-        (relation, color): RECALL_ANSWERS[index]
-        for relation, order in zip(RECALL_RELATIONS, orders, strict=True)
-        for color, index in zip(COLORS, order, strict=True)
-    }
-
-
-RECALL_TABLE = _recall_table()
+# The facts, written out (once drawn with numpy's default_rng(241103312), the paper's arXiv
+# number, permuting the answers per relation; written out so that no numpy release can
+# change them): per relation, the answer for each colour in COLORS' order.
+_RECALL_ROWS = {
+    "king": ("coin", "bell", "apple", "drum", "egg", "flag"),
+    "river": ("drum", "bell", "egg", "apple", "flag", "coin"),
+    "star": ("egg", "flag", "apple", "bell", "coin", "drum"),
+    "song": ("apple", "flag", "egg", "drum", "bell", "coin"),
+    "city": ("flag", "drum", "bell", "apple", "egg", "coin"),
+    "bird": ("egg", "coin", "apple", "bell", "flag", "drum"),
+    "stone": ("coin", "flag", "bell", "egg", "apple", "drum"),
+    "ship": ("flag", "egg", "drum", "apple", "coin", "bell"),
+}
+RECALL_TABLE: dict[tuple[str, str], str] = {
+    (relation, color): answer
+    for relation, answers in _RECALL_ROWS.items()
+    for color, answer in zip(COLORS, answers, strict=True)
+}
 
 
 def _recall(rng: np.random.Generator, size: int):
