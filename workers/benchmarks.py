@@ -29,8 +29,9 @@ import numpy as np
 
 from tokenscale.store import write_atomically
 
-# Bump whenever rendering, questions or answers change, or a benchmark is added (the tower
-# pretrains on all of them): old cache files are then ignored.
+# Bump whenever rendering, questions, answers or the vocabulary change, or a benchmark is
+# added: old cache files (splits, and the tower, which pretrains on PRETRAIN_BENCHMARKS) are
+# then ignored, and a generated-data trial's config hash moves (tokenscale/config.py).
 GENERATOR_VERSION = 7
 
 COLORS = {
